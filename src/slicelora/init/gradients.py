@@ -1,0 +1,148 @@
+"""Average full-weight gradients of the LM loss over batches, for the target linear layers only.
+
+Each target weight gets a post-accumulate hook that folds its fresh gradient into a float32 buffer (optionally on
+the CPU, optionally through a linear `transform` such as a sketch) and frees it at once, so at most one layer's raw
+gradient is alive at a time. Nothing else requires grad during the pass. Under torch.distributed the sums and batch
+counts are all-reduced, so N processes over N shards of the batches give the mean over all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import InitError
+from ..models import LLAMA_TARGETS
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """The module name without PEFT's wrapper prefix, so a plain and a PEFT-wrapped model share names."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def target_layers(model: nn.Module, targets: Sequence[str] = LLAMA_TARGETS) -> dict[str, nn.Linear]:
+    """Map each target module's canonical name to the nn.Linear holding its full weight (PEFT: the base layer)."""
+    layers: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        weight = getattr(base, "weight", None)
+        if type(base) is not nn.Linear or weight is None or not weight.dtype.is_floating_point:
+            raise InitError(
+                f"layer {canonical_name(name)!r} is a {type(base).__name__} with weight dtype "
+                f"{getattr(weight, 'dtype', None)}: gradient-based inits need full-precision nn.Linear layers. "
+                "Load the model unquantised (dtype=torch.float32 or bfloat16), or drop it from the targets."
+            )
+        layers[canonical_name(name)] = base
+    if not layers:
+        raise InitError(
+            f"no target layer matched {list(targets)} in {type(model).__name__}; "
+            "pass the names of the model's linear projections as targets."
+        )
+    return layers
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum across ranks; a CPU buffer travels through `device` when the backend cannot reduce CPU tensors."""
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        on_device = tensor.to(device)
+        dist.all_reduce(on_device)
+        return on_device.to("cpu")
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    targets: Sequence[str] | None = None,
+    offload_to_cpu: bool = False,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    desc: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean over `batches` of d(LM loss)/dW for every target weight W, as float32 tensors keyed by layer name.
+
+    The model runs in eval mode (no dropout) so the gradient is that of the deterministic loss; its train/eval
+    state, every requires_grad flag and the target weights' .grad are restored afterwards, whatever happens.
+    `transform(name, grad)` must be linear (the mean of transformed gradients is returned).
+    """
+    layers = target_layers(model, targets or LLAMA_TARGETS)
+    device = next(model.parameters()).device
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    was_training = model.training
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def fold_into_buffer(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(weight: torch.Tensor) -> None:
+            grad = weight.grad.float()
+            weight.grad = None
+            if transform is not None:
+                grad = transform(name, grad)
+            if offload_to_cpu:
+                grad = grad.to("cpu")
+            if name in sums:
+                sums[name].add_(grad)
+            else:
+                sums[name] = grad  # the grad was detached from the weight above, so it is ours
+        return hook
+
+    count = 0
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for name, layer in layers.items():
+            layer.weight.requires_grad_(True)
+            handles.append(layer.weight.register_post_accumulate_grad_hook(fold_into_buffer(name)))
+        model.eval()
+        for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+            loss = model(**inputs).loss
+            if not torch.isfinite(loss):
+                raise InitError(f"the LM loss of gradient batch {count} is {loss.item()}; check the data and dtype.")
+            loss.backward()
+            count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers.values():
+            layer.weight.grad = None
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    if _is_distributed():
+        counts = torch.tensor([count], dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
+        per_rank = [torch.zeros_like(counts) for _ in range(dist.get_world_size())]
+        dist.all_gather(per_rank, counts)
+        if min(int(c) for c in per_rank) == 0:
+            raise InitError("a rank received no gradient batches; give every process at least one batch.")
+        count = sum(int(c) for c in per_rank)
+        sums = {name: _all_reduce_sum(sums[name], device) for name in layers}
+    if count == 0:
+        raise InitError("the batch iterable was empty: gradient-based inits need at least one batch.")
+
+    means = {name: sums[name].div_(count) for name in layers}
+    for name, grad in means.items():
+        if not torch.isfinite(grad).all():
+            raise InitError(f"the gradient of layer {name!r} is not finite; lower the learning signal or use float32.")
+        if not grad.any():
+            raise InitError(
+                f"the gradient of layer {name!r} is all zero: the loss does not depend on it "
+                "(are all labels masked, or is the layer frozen/unused?)."
+            )
+    return means

@@ -1,0 +1,318 @@
+"""The initialiser library against SPEC 3: surgery, decomposition, absorption, peft's LoRA-GA, gradients."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, LoraGAConfig, get_peft_model
+from peft.tuners.lora.loraga import preprocess_loraga
+
+from conftest import logits, wrap
+from slicelora.errors import InitError
+from slicelora.init import (
+    InitConfig, accumulate_gradients, dst_basis, init_adapter, product_variance, project_conflicting,
+    variance_matched_scale,
+)
+from slicelora.models import LLAMA_TARGETS, tiny_llama
+
+
+def random_grads(seed: int, shapes=((6, 5), (4, 7), (3, 3))) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"l{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+
+
+def global_dot(a, b) -> float:
+    return sum(float((a[k].double() * b[k].double()).sum()) for k in a)
+
+
+# --- surgery ---------------------------------------------------------------------------------------------------
+
+def test_projection_at_c1_is_orthogonal_to_replay():
+    cur, rep = random_grads(0), random_grads(1)
+    rep = {k: v - 0.8 * cur[k] for k, v in rep.items()}  # make them conflict
+    assert global_dot(cur, rep) < 0
+    out, report = project_conflicting(cur, rep, strength=1.0, gate=0.0)
+    assert report.fired and report.cosine < 0
+    norm = math.sqrt(global_dot(out, out) * global_dot(rep, rep))
+    assert abs(global_dot(out, rep)) / norm < 1e-6
+    assert abs(report.cosine_after) < 1e-6
+    # hand check of the formula on one layer: G - (d / n_rep) G_rep
+    d, n_rep = global_dot(cur, rep), global_dot(rep, rep)
+    torch.testing.assert_close(out["l0"], cur["l0"] - (d / n_rep) * rep["l0"], rtol=1e-6, atol=1e-6)
+
+
+def test_no_change_when_cosine_at_or_above_gate():
+    cur = random_grads(0)
+    rep = {k: v + 0.1 * random_grads(3)[k] for k, v in cur.items()}  # aligned
+    out, report = project_conflicting(cur, rep, gate=0.0)
+    assert report.cosine > 0.9 and not report.fired and report.scalar == 0.0
+    for k in cur:
+        assert torch.equal(out[k], cur[k])
+    # a gate above the cosine makes it fire even though they are aligned
+    _, report = project_conflicting(cur, rep, gate=0.999)
+    assert report.fired
+
+
+def test_strength_scales_correction_linearly():
+    cur, rep = random_grads(0), {k: -v + 0.3 * w for (k, v), w in zip(random_grads(0).items(), random_grads(5).values())}
+    outs = {c: project_conflicting(cur, rep, strength=c)[0] for c in (0.25, 0.5, 1.0)}
+    for k in cur:
+        corr = {c: cur[k] - outs[c][k] for c in outs}
+        torch.testing.assert_close(corr[0.5], 2 * corr[0.25], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(corr[1.0], 4 * corr[0.25], rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_mode_projects_each_layer_on_its_own():
+    cur = random_grads(0)
+    rep = {"l0": -cur["l0"] + 0.1, "l1": cur["l1"] * 2 + 0.1, "l2": -cur["l2"]}  # l0, l2 conflict; l1 aligned
+    out, report = project_conflicting(cur, rep, mode="per_layer")
+    assert report.layers["l0"].fired and report.layers["l2"].fired and not report.layers["l1"].fired
+    assert torch.equal(out["l1"], cur["l1"])
+    for k in ("l0", "l2"):
+        dot = float((out[k].double() * rep[k].double()).sum())
+        assert abs(dot) < 1e-5 * float(out[k].norm() * rep[k].norm() + 1)
+
+
+def test_surgery_rejects_bad_strength_and_layers():
+    cur, rep = random_grads(0), random_grads(1)
+    with pytest.raises(InitError, match="strength"):
+        project_conflicting(cur, rep, strength=0.0)
+    with pytest.raises(InitError, match="different layers"):
+        project_conflicting(cur, {"l0": rep["l0"]})
+
+
+# --- decomposition ---------------------------------------------------------------------------------------------
+
+def test_product_variance_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 9, generator=g), torch.randn(7, 4, generator=g) + 0.5
+    assert product_variance(a, b) == pytest.approx(float((b.double() @ a.double()).var(unbiased=False)), rel=1e-10)
+
+
+def test_variance_matching_gives_var_w_times_log_m_r():
+    g = torch.Generator().manual_seed(0)
+    w, a, b = torch.randn(40, 24, generator=g) * 0.05, torch.randn(8, 24, generator=g), torch.randn(40, 8, generator=g)
+    beta = variance_matched_scale(a, b, w)
+    ratio = float((beta * b @ (beta * a)).double().var()) / float(w.double().var())
+    assert ratio == pytest.approx(math.log(8) / math.log(24), rel=1e-4)
+
+
+def test_dst_bases_have_orthonormal_columns_and_spec_entries():
+    for rows, cols in ((10, 4), (4, 10), (7, 7)):
+        m = dst_basis(rows, cols, torch.float64)
+        assert m.shape == (rows, cols)
+        tall = m if rows >= cols else m.T
+        torch.testing.assert_close(tall.T @ tall, torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-12, rtol=0)
+    m = dst_basis(5, 3, torch.float64)
+    assert float(m[2, 1]) == pytest.approx(math.sqrt(2 / 6) * math.sin(3 * 2 * math.pi / 6))
+
+
+# --- gradients -------------------------------------------------------------------------------------------------
+
+def test_accumulated_gradients_equal_plain_autograd(model, batches):
+    expected = {}
+    model.zero_grad()
+    for batch in batches:
+        (model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss / len(batches)).backward()
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LLAMA_TARGETS:
+            expected[name] = module.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = accumulate_gradients(model, batches)
+    assert set(grads) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+def test_accumulated_gradients_offload_and_peft_names(model, batches):
+    plain = accumulate_gradients(model, batches)
+    peft_model = wrap(model)
+    offloaded = accumulate_gradients(peft_model, batches, offload_to_cpu=True)
+    assert set(offloaded) == set(plain)  # PEFT's prefix is stripped
+    for name in plain:
+        torch.testing.assert_close(offloaded[name], plain[name])
+
+
+def test_gradient_errors(model, batches):
+    with pytest.raises(InitError, match="empty"):
+        accumulate_gradients(model, [])
+    with pytest.raises(InitError, match="no target layer matched"):
+        accumulate_gradients(model, batches, targets=("nope_proj",))
+    masked = [{**b, "labels": torch.full_like(b["labels"], -100)} for b in batches]
+    with pytest.raises(InitError):  # loss is NaN when every label is masked
+        accumulate_gradients(model, masked)
+
+
+def test_zero_gradient_names_the_layer(model, batches):
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+        model.model.layers[1].mlp.up_proj.weight.zero_()  # with down_proj zero, no signal reaches gate/up_proj
+        model.model.layers[1].mlp.gate_proj.weight.zero_()
+    with pytest.raises(InitError, match=r"model\.layers\.1\.mlp\.(gate|up)_proj.*all zero"):
+        accumulate_gradients(model, batches)
+
+
+# --- methods on a PEFT model -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,variant", [("lora_ga", "paper"), ("lora_ga", "reference"), ("lora_ga", "peft"),
+                                            ("loram", "paper"), ("slice", "paper")])
+def test_absorbing_inits_keep_the_model_function(model, batches, replay_batches, method, variant):
+    peft_model = wrap(model)
+    before = logits(peft_model, batches[0])
+    report = init_adapter(peft_model, method, InitConfig(lora_ga_variant=variant),
+                          current=batches if method != "loram" else None,
+                          replay=replay_batches if method == "slice" else None)
+    after = logits(peft_model, batches[0])
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    lora_b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert lora_b.abs().sum() > 0  # the adapter is not the zero init
+    if method == "slice":
+        assert report.surgery is not None and report.replay_batches == len(replay_batches)
+
+
+def test_variance_matched_adapter_in_model(model, batches):
+    peft_model = wrap(model, r=8)
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("v_proj")}
+    init_adapter(peft_model, "lora_ga", current=batches)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.v_proj
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    w = original["model.layers.0.self_attn.v_proj"]
+    ratio = float((b @ a).double().var()) / float(w.double().var())
+    assert ratio == pytest.approx(math.log(8) / math.log(min(w.shape)), rel=1e-4)
+
+
+def test_slice_without_replay_equals_lora_ga_paper(tokenizer, batches):
+    models = [wrap(tiny_llama(tokenizer, seed=0)) for _ in range(2)]
+    init_adapter(models[0], "slice", current=batches, replay=[])
+    init_adapter(models[1], "lora_ga", current=batches)
+    for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_lora_ga_peft_variant_equals_peft(tokenizer, batches, monkeypatch):
+    original = torch.svd_lowrank
+
+    def seeded(a, q=6, niter=2, M=None):  # both implementations get the same random start
+        torch.manual_seed(123)
+        return original(a, q=q, niter=niter, M=M)
+
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+    ours = wrap(tiny_llama(tokenizer, seed=0))
+    init_adapter(ours, "lora_ga", InitConfig(lora_ga_variant="peft"), current=batches)
+
+    base = tiny_llama(tokenizer, seed=0)
+    config = LoraConfig(r=4, lora_alpha=2.0, use_rslora=True, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0,
+                        init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+
+    def train_step():
+        for batch in batches:
+            base(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+
+    base.eval()  # our gradients are taken without dropout; the tiny model has none anyway
+    preprocess_loraga(base, config, train_step)
+    theirs = get_peft_model(base, config)
+    ours_params, their_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert set(ours_params) == set(their_params)
+    checked = 0
+    for name, p in ours_params.items():
+        if "lora_" in name or "base_layer" in name:
+            torch.testing.assert_close(p, their_params[name], rtol=1e-4, atol=1e-6, msg=name)
+            checked += 1
+    assert checked == 3 * 7 * 2  # A, B and W of 7 targets in 2 blocks
+
+
+def test_loram_uses_dst_bases(model):
+    peft_model = wrap(model, r=4)
+    with pytest.warns(UserWarning, match="uses no data"):
+        init_adapter(peft_model, "loram", current=[{"input_ids": torch.ones(1, 2, dtype=torch.long)}])
+    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    # up to the shared variance-matching factor, A and B are the DST-I bases
+    ratio = a[0, 0] / dst_basis(*a.shape)[0, 0]
+    torch.testing.assert_close(a, dst_basis(*a.shape) * ratio)
+    torch.testing.assert_close(b, dst_basis(*b.shape) * ratio, rtol=1e-5, atol=1e-7)
+
+
+def test_vanilla_is_peft_default(model, batches):
+    peft_model = wrap(model)
+    w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with pytest.warns(UserWarning, match="does not use replay"):
+        init_adapter(peft_model, "vanilla", replay=batches)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert layer.lora_A["default"].weight.abs().sum() > 0
+    assert torch.equal(layer.get_base_layer().weight, w0)
+
+
+def test_failed_init_leaves_model_unchanged(model, batches):
+    peft_model = wrap(model, r=16)  # k_proj is 24 x 48: 2r = 32 > 24: 'lora_ga' selection cannot be made
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    with pytest.raises(InitError, match="2r"):
+        init_adapter(peft_model, "lora_ga", current=batches)
+    for n, p in peft_model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_bad_inputs(model, batches):
+    with pytest.raises(InitError, match="exceeds"):
+        init_adapter(wrap(tiny_llama(seed=0), r=40), "loram")  # k_proj is 24 x 48
+    peft_model = wrap(model)
+    with pytest.raises(InitError, match="unknown init method"):
+        init_adapter(peft_model, "pissa", current=batches)
+    with pytest.raises(InitError, match="needs current-task batches"):
+        init_adapter(peft_model, "slice", current=[])
+    with pytest.raises(InitError, match="no LoRA adapter"):
+        init_adapter(tiny_llama(seed=1), "loram")  # a plain model, no PEFT wrapper
+
+
+def test_quantised_layer_is_refused(model, batches):
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(InitError, match="full-precision"):
+        accumulate_gradients(model, batches)
+
+
+def test_gradient_cache_is_reused_and_invalidated(model, batches, replay_batches, tmp_path, monkeypatch):
+    import slicelora.init.methods as methods
+
+    calls = []
+    real = methods.accumulate_gradients
+    monkeypatch.setattr(methods, "accumulate_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = str(tmp_path / "grads.safetensors")
+    config = InitConfig(gradient_cache=cache)
+    first = wrap(tiny_llama(seed=0))
+    init_adapter(first, "slice", config, current=batches, replay=replay_batches)
+    assert len(calls) == 2
+    second = wrap(tiny_llama(seed=0))
+    report = init_adapter(second, "slice", InitConfig(gradient_cache=cache, strength=0.5), current=batches,
+                          replay=replay_batches)
+    assert len(calls) == 2 and report.gradients_from_cache
+    third = wrap(tiny_llama(seed=0))
+    init_adapter(third, "slice", config, current=batches[:2], replay=replay_batches)  # other batches: recomputed
+    assert len(calls) == 4
+
+
+def test_two_processes_give_the_same_slice_adapter(tmp_path, batches, replay_batches):
+    script = Path(__file__).parent / "dist_slice_init.py"
+    single = tmp_path / "single.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=300)
+    double = tmp_path / "double.safetensors"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(script), str(double)], check=True, env=env, timeout=300)
+    from safetensors.torch import load_file
+
+    one, two = load_file(str(single)), load_file(str(double))
+    assert set(one) == set(two) and len(one) > 0
+    for name in one:  # float noise of the all-reduce, amplified by close singular values of the tiny model
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
