@@ -1,0 +1,235 @@
+"""Per-example scorers: each maps (prediction, references, source) to a score in 0..100.
+
+A task's score is the mean of its per-example scores. Every scorer takes the best score over the references,
+except SARI, whose definition uses all references together.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+import numpy as np
+from rouge_score import rouge_scorer
+
+from slicelora.errors import ConfigError, DataError
+
+Scorer = Callable[[str, Sequence[str], str], float]
+
+
+def _best(fn: Callable[[str, str], float], prediction: str, references: Sequence[str]) -> float:
+    return max(fn(prediction, ref) for ref in references)
+
+
+# --- exact match -------------------------------------------------------------------------------------------------
+
+def normalize_simple(text: str) -> str:
+    """Lowercase, collapse whitespace runs to one space, strip (the paper's exact-match normalisation)."""
+    return " ".join(text.lower().split())
+
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_squad(text: str) -> str:
+    """SQuAD-style normalisation of the official Super-NI evaluation: lowercase, drop ASCII punctuation,
+    drop the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, references: Sequence[str], source: str = "") -> float:
+    return _best(lambda p, r: 100.0 * (normalize_simple(p) == normalize_simple(r)), prediction, references)
+
+
+def official_exact_match(prediction: str, references: Sequence[str], source: str = "") -> float:
+    return _best(lambda p, r: 100.0 * (normalize_squad(p) == normalize_squad(r)), prediction, references)
+
+
+# --- ROUGE-L -----------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=2)
+def _rouge(stem: bool) -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+
+
+def _rouge_l(prediction: str, reference: str, stem: bool) -> float:
+    # rouge_score's default tokenizer: lowercase, non-[a-z0-9] characters separate tokens (so non-ASCII
+    # letters are dropped); with stemming, Porter-stems tokens longer than 3 characters. Empty side -> 0.
+    return 100.0 * _rouge(stem).score(target=reference, prediction=prediction)["rougeL"].fmeasure
+
+
+def rouge_l(prediction: str, references: Sequence[str], source: str = "") -> float:
+    return _best(lambda p, r: _rouge_l(p, r, stem=False), prediction, references)
+
+
+def official_rouge_l(prediction: str, references: Sequence[str], source: str = "") -> float:
+    return _best(lambda p, r: _rouge_l(p, r, stem=True), prediction, references)
+
+
+# --- TRACE accuracy ----------------------------------------------------------------------------------------------
+
+# An option answer: an optional "(", one capital letter, then the end or a non-alphanumeric character
+# ("B", "B.", "(C) text", "B\nexplanation").
+_OPTION = re.compile(r"\s*\(?([A-Z])(?![A-Za-z0-9])")
+_NUMBER_ONLY = re.compile(r"\s*[-+]?(\d[\d,]*(\.\d*)?|\.\d+)\s*")
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+def _to_float(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _accuracy_one(prediction: str, reference: str) -> float:
+    option = _OPTION.match(reference)
+    if option:
+        got = _OPTION.match(prediction)
+        return 100.0 * (got is not None and got.group(1) == option.group(1))
+    if _NUMBER_ONLY.fullmatch(reference):
+        found = _NUMBER.search(prediction)
+        if found is None:
+            return 0.0
+        want, have = _to_float(reference.strip()), _to_float(found.group(0))
+        return 100.0 * bool(abs(want - have) <= 1e-6 * max(1.0, abs(want)))
+    return 100.0 * (normalize_simple(prediction) == normalize_simple(reference))
+
+
+def accuracy(prediction: str, references: Sequence[str], source: str = "") -> float:
+    """TRACE accuracy (C-STANCE, FOMC, ScienceQA on the option letter; NumGLUE on the number).
+
+    The rule depends on the reference's form:
+    - option reference (a leading option letter: "B", "B.", "(B) ..." or ScienceQA's "B", newline, explanation):
+      100 iff the prediction's leading option letter (same pattern, after leading whitespace) is the same letter;
+    - numeric reference (the whole reference is one number): 100 iff the first number in the prediction equals it
+      (thousands commas dropped; floats compared with a relative tolerance of 1e-6);
+    - otherwise: exact match after lowercasing and whitespace normalisation.
+    """
+    return _best(_accuracy_one, prediction, references)
+
+
+# --- edit similarity ---------------------------------------------------------------------------------------------
+
+def levenshtein(a: str, b: str) -> int:
+    """Character Levenshtein distance (unit insert/delete/substitute), O(len(a)*len(b)) time, O(len(b)) memory.
+
+    Row by row: substitutions and deletions come from the previous row elementwise; insertions chain along the
+    row, row[j] = min_k<=j (cand[k] + j - k), which is a running minimum of cand[k] - k.
+    """
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    bs = np.fromiter(map(ord, b), dtype=np.int64, count=len(b))
+    cols = np.arange(len(b) + 1)
+    prev = cols.copy()
+    for i, ch in enumerate(a, start=1):
+        cand = np.empty_like(prev)
+        cand[0] = i
+        cost = (bs != ord(ch)).astype(prev.dtype)
+        cand[1:] = np.minimum(prev[1:] + 1, prev[:-1] + cost)
+        prev = np.minimum.accumulate(cand - cols) + cols
+    return int(prev[-1])
+
+
+def _edit_similarity_one(prediction: str, reference: str) -> float:
+    longest = max(len(prediction), len(reference))
+    if longest == 0:
+        return 100.0
+    return 100.0 * (1.0 - levenshtein(prediction, reference) / longest)
+
+
+def edit_similarity(prediction: str, references: Sequence[str], source: str = "") -> float:
+    """TRACE Py150: 100 * (1 - Levenshtein distance / length of the longer string), on characters; both empty -> 100."""
+    return _best(_edit_similarity_one, prediction, references)
+
+
+# --- SARI --------------------------------------------------------------------------------------------------------
+
+_SARI_TOKEN = re.compile(r"\d+(?:[.,]\d+)+|\w+|[^\w\s]")
+
+
+def sari_tokens(text: str) -> list[str]:
+    """Lowercased words, numbers (with inner "." or ",") and single punctuation marks: close to sacrebleu's 13a
+    tokenisation, which `evaluate`'s SARI applies."""
+    return _SARI_TOKEN.findall(text.lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _f1(p: float, r: float) -> float:
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def _sari_ngram(src: Counter, out: Counter, refs: list[Counter]) -> tuple[float, float, float]:
+    """Keep F1, deletion precision and addition F1 for one n-gram order.
+
+    Source and output counts are multiplied by the number of references k and compared with the reference
+    counts summed over the references, so an n-gram found in only some references earns partial credit.
+    As in the Hugging Face `evaluate` SARI that TRACE calls (the tensor2tensor revision of Xu et al.'s script):
+    a precision or recall over an empty set is 1, and keep recall is the kept-and-correct count over the count
+    that the references keep.
+    """
+    k = len(refs)
+    ref = Counter()
+    for r in refs:
+        ref.update(r)
+    src_k = Counter({g: c * k for g, c in src.items()})
+    out_k = Counter({g: c * k for g, c in out.items()})
+
+    keep = src_k & out_k                 # kept by the system
+    keep_all = src_k & ref               # kept by the references
+    keep_good = {g: min(c, ref[g]) for g, c in keep.items()}
+    keep_p = sum(keep_good[g] / c for g, c in keep.items()) / len(keep) if keep else 1.0
+    keep_r = sum(keep_good.values()) / sum(keep_all.values()) if keep_all else 1.0
+
+    deleted = src_k - out_k              # deleted by the system
+    del_p = sum(max(c - ref[g], 0) / c for g, c in deleted.items()) / len(deleted) if deleted else 1.0
+
+    added = set(out) - set(src)          # added by the system
+    add_all = set(ref) - set(src)        # added by the references
+    add_good = len(added & add_all)
+    add_p = add_good / len(added) if added else 1.0
+    add_r = add_good / len(add_all) if add_all else 1.0
+    return _f1(keep_p, keep_r), del_p, _f1(add_p, add_r)
+
+
+def sari(prediction: str, references: Sequence[str], source: str = "") -> float:
+    """SARI (Xu et al. 2016) of one output against all references together: the mean over n = 1..4 of keep F1,
+    deletion precision and addition F1, averaged over the three operations, times 100. A task's SARI is the mean
+    over its examples, as in `evaluate`'s corpus SARI."""
+    src, out = sari_tokens(source), sari_tokens(prediction)
+    refs = [sari_tokens(r) for r in references]
+    parts = np.array([_sari_ngram(_ngrams(src, n), _ngrams(out, n), [_ngrams(r, n) for r in refs])
+                      for n in range(1, 5)])
+    return 100.0 * float(parts.mean())
+
+
+# --- registry ----------------------------------------------------------------------------------------------------
+
+METRICS: dict[str, Scorer] = {
+    "exact_match": exact_match,
+    "rouge_l": rouge_l,
+    "official_exact_match": official_exact_match,
+    "official_rouge_l": official_rouge_l,
+    "accuracy": accuracy,
+    "edit_similarity": edit_similarity,
+    "sari": sari,
+}
+
+
+def score(metric: str, prediction: str, references: Sequence[str], source: str = "") -> float:
+    """Score one prediction with the named metric (a key of METRICS); a single string counts as one reference."""
+    scorer = METRICS.get(metric)
+    if scorer is None:
+        raise ConfigError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    if isinstance(references, str):
+        references = (references,)
+    if len(references) == 0:
+        raise DataError(f"metric {metric!r}: an example has no references; every example needs at least one output")
+    return float(scorer(prediction, references, source))

@@ -1,0 +1,196 @@
+"""Figures of one or more runs (PNG, Agg canvas, no pyplot state) and `write_report`, the entry point of the
+`report` and `compare` commands."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from slicelora import io
+from slicelora.errors import ConfigError
+from slicelora.report.runs import Run, find_run_dirs, read_run
+from slicelora.report.tables import run_labels, write_tables
+
+_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")  # grey: task not learned yet
+
+
+def short_name(task: str, width: int = 24) -> str:
+    """A label of at most `width` characters; a Super-NI name becomes its number ("task363") when width < 16."""
+    m = re.match(r"(task\d+)_", task)
+    if m and width < 16:
+        return m.group(1)
+    return task if len(task) <= width else task[:width - 1] + "…"
+
+
+def _figure(n_panels: int, max_cols: int, panel_size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    cols = min(n_panels, max_cols)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return path
+
+
+def plot_r_matrices(runs: Sequence[Run], path: Path) -> Path:
+    """One annotated heatmap of R per run (rows = after stage, columns = tasks), on a shared 0..100 scale."""
+    n_tasks = max(len(r.tasks) for r in runs)
+    side = max(3.2, 0.62 * n_tasks + 1.4)
+    fig, axes = _figure(len(runs), 3, (side, side * 0.85))
+    image = None
+    for ax, run, label in zip(axes, runs, run_labels(runs)):
+        R = np.full((len(run.tasks), len(run.tasks)), np.nan)
+        R[:run.stages_done] = run.R
+        image = ax.imshow(np.ma.masked_invalid(R), vmin=0, vmax=100, cmap=_CMAP)
+        for (i, j), v in np.ndenumerate(R):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+        ax.set_xticks(range(len(run.tasks)), [short_name(t, 12) for t in run.tasks], rotation=45, ha="right",
+                      fontsize=8)
+        ax.set_yticks(range(len(run.tasks)), [str(i + 1) for i in range(len(run.tasks))], fontsize=8)
+        ax.set_ylabel("after stage")
+        ax.set_title(label if run.complete else f"{label} ({run.stages_done}/{len(run.tasks)} stages)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="score")
+    return _save(fig, path)
+
+
+def plot_task_curves(runs: Sequence[Run], path: Path) -> Path:
+    """A panel per task: its score after each stage from the one that learned it, a line per run."""
+    tasks = list(dict.fromkeys(t for r in runs for t in r.tasks))
+    fig, axes = _figure(len(tasks), 4, (3.4, 2.6))
+    labels = run_labels(runs)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    last_stage = max(r.stages_done for r in runs)
+    for ax, task in zip(axes, tasks):
+        for run, label, color in zip(runs, labels, colors):
+            if task not in run.tasks or run.tasks.index(task) >= run.stages_done:
+                continue
+            j = run.tasks.index(task)
+            stages = np.arange(j + 1, run.stages_done + 1)
+            ax.plot(stages, run.R[j:, j], marker="o", ms=3, color=color, label=label)
+        ax.set_title(short_name(task, 30), fontsize=9)
+        ax.set_xlim(0.7, last_stage + 0.3)
+        ax.set_xticks(range(1, last_stage + 1))
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("after stage", fontsize=8)
+        ax.set_ylabel("score", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 5))
+    return _save(fig, path)
+
+
+def plot_general(runs: Sequence[Run], path: Path) -> Path | None:
+    """GP and IP panels: per benchmark, a pair of bars (base, hatched; final, solid) per run that has
+    general.json. None if no run has one. Colours follow the run order, as in the other figures."""
+    shown = [(k, run, label) for k, (run, label) in enumerate(zip(runs, run_labels(runs))) if run.general]
+    kinds = sorted({kind for _, run, _ in shown for when in run.general.values() for kind in when})
+    if not kinds:
+        return None
+    fig, axes = _figure(len(kinds), 2, (5.0, 3.4))
+    width = 0.8 / (2 * len(shown))
+    for ax, kind in zip(axes, kinds):
+        benches = sorted({b for _, run, _ in shown for when in run.general.values() for b in when.get(kind, {})})
+        x = np.arange(len(benches))
+        for slot, (k, run, label) in enumerate(shown):
+            for w, when in enumerate(("base", "final")):
+                values = [run.general.get(when, {}).get(kind, {}).get(b, np.nan) for b in benches]
+                ax.bar(x + (2 * slot + w + 0.5) * width - 0.4, values, width, color=f"C{k % 10}",
+                       alpha=0.45 if when == "base" else 1.0, hatch="//" if when == "base" else None,
+                       edgecolor="white", label=f"{label} ({when})")
+        ax.set_xticks(x, benches, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("score")
+        ax.set_title(f"{kind}: base model (hatched) vs after the last stage", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 6), fontsize=8)
+    return _save(fig, path)
+
+
+def _as_number(value: Any) -> float:
+    """A scalar diagnostic; a per-layer list is summarised by its mean; anything else is NaN."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return float(np.mean(value))
+    return np.nan
+
+
+def _gate(run: Run) -> float | None:
+    """The SLICE gate tau: from init.json ("tau"), else config.json ("tau" at the top or in its "init" section)."""
+    for init in run.init:
+        tau = _as_number((init or {}).get("tau"))
+        if np.isfinite(tau):
+            return tau
+    for section in (run.config, run.config.get("init")):
+        if isinstance(section, dict) and isinstance(section.get("tau"), (int, float)):
+            return float(section["tau"])
+    return None
+
+
+def plot_init(runs: Sequence[Run], path: Path) -> Path | None:
+    """SLICE diagnostics: the cosine between current and replay gradients at each stage, a line per run, filled
+    markers where the gate fired (projection applied), dashed lines at the gate tau. None if no run records a
+    cosine."""
+    series = []
+    for run, label in zip(runs, run_labels(runs)):
+        cos = np.array([_as_number((d or {}).get("cosine")) for d in run.init])
+        fired = [bool(np.any((d or {}).get("fired"))) for d in run.init]
+        if np.isfinite(cos).any():
+            series.append((run, label, cos, fired))
+    if not series:
+        return None
+    fig, (ax,) = _figure(1, 1, (6.0, 3.6))
+    for k, (run, label, cos, fired) in enumerate(series):
+        stages = np.arange(1, len(cos) + 1)
+        color = f"C{k % 10}"
+        ax.plot(stages, cos, color=color, label=label)
+        ax.scatter(stages, cos, s=36, zorder=3, edgecolors=color,
+                   facecolors=[color if f else "white" for f in fired])
+        tau = _gate(run)
+        if tau is not None:
+            ax.axhline(tau, color=color, ls="--", lw=1, label=f"{label} gate tau = {tau:g}")
+    last_stage = max(len(cos) for _, _, cos, _ in series)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlim(0.7, last_stage + 0.3)
+    ax.set_xticks(range(1, last_stage + 1))
+    ax.set_xlabel("stage")
+    ax.set_ylabel("cos(G_cur, G_rep)")
+    ax.set_title("SLICE gradient conflict per stage (filled = gate fired)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Read the runs (each path a run folder or a folder of run folders) and write metrics.md, metrics.csv and the
+    figures (r_matrix.png, task_curves.png, general.png and init_cosine.png when there is data) into out_dir.
+    Returns the written paths; the run folders are not modified."""
+    if not run_dirs:
+        raise ConfigError("write_report: no run folders given; pass at least one run folder")
+    runs = [read_run(p) for d in run_dirs for p in find_run_dirs(d)]
+    out_dir = Path(out_dir)
+    written = write_tables(runs, out_dir)
+    written.append(plot_r_matrices(runs, out_dir / "r_matrix.png"))
+    written.append(plot_task_curves(runs, out_dir / "task_curves.png"))
+    for plot, name in ((plot_general, "general.png"), (plot_init, "init_cosine.png")):
+        result = plot(runs, out_dir / name)
+        if result is not None:
+            written.append(result)
+    return written

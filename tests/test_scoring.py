@@ -1,0 +1,176 @@
+"""Per-example scorers on hand-worked examples."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slicelora.errors import ConfigError, DataError
+from slicelora.eval.scoring import METRICS, levenshtein, normalize_squad, sari_tokens, score
+
+
+def test_metric_names_match_the_brief():
+    assert set(METRICS) == {"exact_match", "rouge_l", "official_exact_match", "official_rouge_l",
+                            "accuracy", "edit_similarity", "sari"}
+
+
+def test_unknown_metric_lists_valid_names():
+    with pytest.raises(ConfigError, match="valid metrics: exact_match, rouge_l"):
+        score("bleu", "a", ["a"])
+
+
+def test_no_references_is_a_data_error():
+    with pytest.raises(DataError, match="no references"):
+        score("exact_match", "a", [])
+
+
+def test_single_string_counts_as_one_reference():
+    assert score("exact_match", "yes", "Yes") == 100.0
+
+
+@pytest.mark.parametrize("pred, refs, want", [
+    ("  The  Cat\n", ["the cat"], 100.0),
+    ("cat.", ["cat"], 0.0),                   # punctuation is kept by the paper's exact match
+    ("the cat", ["cat"], 0.0),                # and articles too
+    ("positive", ["negative", "Positive"], 100.0),  # max over references
+])
+def test_exact_match(pred, refs, want):
+    assert score("exact_match", pred, refs) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The Cat!", "cat"),
+    ("an apple, please.", "apple please"),
+    ("A-B  c", "ab c"),                       # punctuation removed, not replaced by a space
+    ("theory of the anthem", "theory of anthem"),  # articles only as whole words
+])
+def test_squad_normalisation(text, want):
+    assert normalize_squad(text) == want
+
+
+@pytest.mark.parametrize("pred, refs, want", [
+    ("The cat!", ["cat"], 100.0),
+    ("an apple, please.", ["Apple please"], 100.0),
+    ("cats", ["cat"], 0.0),
+    ("no", ["yes", "The no."], 100.0),
+])
+def test_official_exact_match(pred, refs, want):
+    assert score("official_exact_match", pred, refs) == want
+
+
+def test_rouge_l_hand_worked():
+    # 6 tokens each, LCS "the cat on the mat" = 5: P = R = 5/6.
+    assert score("rouge_l", "the cat sat on the mat", ["the cat lay on the mat"]) == pytest.approx(500 / 6)
+    # pred a b c d (4), ref b d e (3), LCS "b d" = 2: P = 1/2, R = 2/3, F = 2PR/(P+R) = (2/3)/(7/6) = 4/7.
+    assert score("rouge_l", "a b c d", ["b d e"]) == pytest.approx(400 / 7)
+    # The tokenizer lowercases and splits on punctuation.
+    assert score("rouge_l", "Hello, world!", ["hello world"]) == pytest.approx(100.0)
+    # Max over references; an empty prediction scores 0.
+    assert score("rouge_l", "a b c d", ["x", "b d e"]) == pytest.approx(400 / 7)
+    assert score("rouge_l", "", ["a"]) == 0.0
+
+
+def test_official_rouge_l_stems_and_rouge_l_does_not():
+    # Porter stemming of tokens longer than 3 characters: cats -> cat, running -> run, runs -> run.
+    assert score("rouge_l", "cats running", ["cat runs"]) == 0.0
+    assert score("official_rouge_l", "cats running", ["cat runs"]) == pytest.approx(100.0)
+    # Stemmed: pred [the, cat, are, run, fast] vs ref [cat, run], LCS 2: P = 2/5, R = 1, F = (4/5)/(7/5) = 4/7.
+    assert score("official_rouge_l", "The cats are running fast", ["cat runs"]) == pytest.approx(400 / 7)
+    assert score("rouge_l", "The cats are running fast", ["cat runs"]) == 0.0
+
+
+@pytest.mark.parametrize("pred, ref, want", [
+    ("B", "B", 100.0),
+    ("B.", "B", 100.0),
+    ("(B) hawkish", "B", 100.0),
+    ("  B\nbecause ...", "B", 100.0),
+    ("C", "B", 0.0),
+    ("b", "B", 0.0),                          # option letters are capitals
+    ("Bad", "B", 0.0),                        # a word, not an option
+    ("Answer: B", "B", 0.0),                  # only the leading option counts
+    ("B", "B\nA clause is a group of words ...", 100.0),  # ScienceQA: letter then explanation
+    ("884", "884", 100.0),
+    ("The answer is 884.", "884", 100.0),     # first number in the prediction
+    ("884.0", "884", 100.0),
+    ("1,000", "1000", 100.0),
+    ("13.50 minutes", "13.5", 100.0),
+    ("-2.5", "-2.5", 100.0),
+    ("88", "884", 0.0),
+    ("no idea", "884", 0.0),
+    (" friday ", "Friday", 100.0),            # neither option nor number: normalised exact match
+    ("Friday.", "Friday", 0.0),
+])
+def test_accuracy(pred, ref, want):
+    assert score("accuracy", pred, [ref]) == want
+
+
+@pytest.mark.parametrize("a, b, dist", [
+    ("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3), ("abc", "", 3), ("", "", 0),
+    ("abc", "abc", 0), ("ab", "ba", 2), ("über", "uber", 1),
+])
+def test_levenshtein(a, b, dist):
+    assert levenshtein(a, b) == dist
+
+
+def _naive_levenshtein(a: str, b: str) -> int:
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[-1][-1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text("abc ", max_size=12), st.text("abc ", max_size=12))
+def test_levenshtein_matches_the_textbook_table(a, b):
+    assert levenshtein(a, b) == _naive_levenshtein(a, b)
+
+
+def test_edit_similarity():
+    assert score("edit_similarity", "kitten", ["sitting"]) == pytest.approx(100 * (1 - 3 / 7))
+    assert score("edit_similarity", "flaw", ["lawn"]) == pytest.approx(50.0)
+    assert score("edit_similarity", "", [""]) == 100.0
+    assert score("edit_similarity", "abc", [""]) == 0.0
+    assert score("edit_similarity", "flaw", ["x", "lawn"]) == pytest.approx(50.0)
+
+
+def test_sari_hand_worked_single_reference():
+    # source [a b c], output [a c d], reference [a d]; k = 1. A precision/recall over an empty set is 1.
+    # n=1: kept {a, c}, of which the reference keeps a: P = (1 + 0)/2, R = 1/1 -> F = 2/3;
+    #      deleted {b}, not in the reference -> del P = 1; added {d}, reference adds {d} -> add F = 1.
+    # n=2: src {ab, bc}, out {ac, cd}, ref {ad}: keep P = R = 1 (empty) -> 1; deletions {ab, bc} good -> 1;
+    #      added {ac, cd} none good: P = 0, R = 0 -> 0.
+    # n=3: src {abc}, out {acd}, ref {}: keep 1, del 1, add P = 0, R = 1 (empty) -> F = 0.
+    # n=4: nothing anywhere -> 1, 1, 1.
+    # keep = (2/3 + 3)/4 = 11/12, del = 1, add = (1 + 0 + 0 + 1)/4 = 1/2; SARI = (11/12 + 1 + 1/2)/3 = 29/36.
+    assert score("sari", "a c d", ["a d"], source="a b c") == pytest.approx(2900 / 36)
+
+
+def test_sari_hand_worked_two_references():
+    # source [a b], output [a], references [a], [b]; k = 2: source/output counts x2, reference counts summed.
+    # n=1: src {a:2, b:2}, out {a:2}, ref {a:1, b:1}. kept {a:2}, correct min(2, 1) = 1: P = 1/2;
+    #      the references keep {a:1, b:1} (2 in all): R = 1/2 -> F = 1/2.
+    #      deleted {b:2}, correct max(2 - 1, 0) = 1: del P = 1/2. Nothing added anywhere -> add F = 1.
+    # n=2: src {ab:2} deleted, in no reference -> del 1; keep and add over empty sets -> 1.   n=3, 4: 1, 1, 1.
+    # keep = (1/2 + 3)/4 = 7/8, del = 7/8, add = 1; SARI = (7/8 + 7/8 + 1)/3 = 11/12.
+    assert score("sari", "a", ["a", "b"], source="a b") == pytest.approx(1100 / 12)
+
+
+def test_sari_documented_example():
+    # The worked example in the Hugging Face `evaluate` SARI metric card (three references), the SARI TRACE calls.
+    got = score("sari", "About 95 you now get in.",
+                ["About 95 species are currently known.", "About 95 species are now accepted.",
+                 "95 species are now accepted."], source="About 95 species are currently accepted.")
+    assert got == pytest.approx(26.953601953601954)
+
+
+def test_sari_tokens_are_case_and_punctuation_aware():
+    assert sari_tokens("Es kostet 3,50 Fr. oder 1.5?") == ["es", "kostet", "3,50", "fr", ".", "oder", "1.5", "?"]
+    assert score("sari", "A, D", ["a d"], source="a b c") == score("sari", "a , d", ["a d"], source="a b c")
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_scores_lie_in_0_100(metric):
+    for pred, refs, src in [("", ["x"], "y"), ("x y z", ["x y z"], "x y z"), ("1", ["2", "1"], "")]:
+        assert 0.0 <= score(metric, pred, refs, source=src) <= 100.0
