@@ -84,5 +84,5 @@ def variance_matched_scale(a: torch.Tensor, b: torch.Tensor, weight: torch.Tenso
 
 def absorb(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W - s B A, computed in float32 from the factors as the adapter will hold them, returned in W's dtype."""
-    offset = scaling * (b.float() @ a.float())
+    offset = scaling * (b.to(weight.device).float() @ a.to(weight.device).float())
     return (weight.float() - offset).to(weight.dtype)

@@ -61,7 +61,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _method_name(config: dict[str, Any], path: Path) -> str:
-    method = config.get("method")
+    method = config.get("method") or (config.get("init") or {}).get("method")  # RunConfig keeps it in init
     if isinstance(method, dict):
         method = method.get("name")
     if not isinstance(method, str) or not method:
@@ -75,7 +75,9 @@ def _task_names(run_dir: Path, config: dict[str, Any]) -> list[str]:
     if tasks_file.exists():
         tasks, where = _read_json(tasks_file), str(tasks_file)
     else:
-        tasks, where = (config.get("sequence") or {}).get("tasks"), f"{run_dir / 'config.json'} field sequence.tasks"
+        sequence = config.get("sequence")
+        tasks = sequence.get("tasks") if isinstance(sequence, dict) else None
+        where = f"{run_dir / 'config.json'} field sequence.tasks"
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise DataError(f"{where}: expected a non-empty list of task names, got {tasks!r}")
     if len(set(tasks)) != len(tasks):

@@ -1,0 +1,169 @@
+"""The `slicelora` command: run, compare, report, demo, mine, and listings of tasks and sequences."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import SliceLoraError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Continual fine-tuning with LoRA: SLICE and its baselines (vanilla, LoRA-GA, LoRAM).")
+console = Console()
+METHODS = "vanilla,lora_ga,loram,slice"
+
+# The embedded demo: SmolLM2-135M-Instruct on 3 short Super-NI tasks, sized for 2 CPU cores (full: ~15 min).
+DEMO = ["sequence=demo", "adapter.rank=8", "adapter.alpha=16", "init.batches=2", "init.batch_size=8",
+        "init.replay_buffer=16", "train.epochs=1", "train.lr=5e-4", "train.batch_size=8", "train.grad_accum=1",
+        "train.max_length=128", "train.max_examples=96", "eval.examples=32", "eval.max_new_tokens=16",
+        "eval.batch_size=32", "general.limit=16", "general.shots=3", "general.max_length=768"]
+DEMO_QUICK = DEMO + ["train.max_examples=32", "eval.examples=16", "general.enabled=false", "init.replay_buffer=8"]
+
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (paper defaults for anything not set).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key=value, e.g. train.lr=2e-4.")]
+DataDirOpt = Annotated[Optional[list[Path]], typer.Option("--data-dir", help="Extra task data folder(s).")]
+
+
+def _fail(exc: SliceLoraError) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None) -> list[str]:
+    out = list(sets or [])
+    for key, value in (("init.method", method), ("sequence", sequence), ("model", model)):
+        if value is not None:
+            out.append(f"{key}={value}")
+    if data_dirs:
+        out.append("data_dirs=" + ",".join(str(d) for d in data_dirs))
+    return out
+
+
+def _compare(config: Optional[Path], overrides: list[str], methods: str, output: Path, resume: bool) -> None:
+    from .loop.config import load_config
+    from .loop.stages import run as run_stages
+    from .report.plots import write_report
+    from .report.tables import rich_table
+    from .report.runs import read_run
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    configs = {m: load_config(config, overrides + [f"init.method={m}"]) for m in names}  # all checked up front
+    base_general = None
+    for name, cfg in configs.items():
+        console.rule(f"[bold]{name}")
+        start = time.perf_counter()
+        folder = run_stages(cfg, output / name, resume=resume,
+                            base_general=base_general)
+        base_general = read_run(folder).general or base_general
+        console.print(f"{name}: {time.perf_counter() - start:.0f} s")
+    written = write_report([output / m for m in names], output)
+    console.print(rich_table([read_run(output / m) for m in names]))
+    console.print("written: " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    set: SetOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = Path("runs/run"),
+    method: Annotated[Optional[str], typer.Option(help="vanilla | lora_ga | loram | slice")] = None,
+    sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
+    data_dir: DataDirOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue a stopped run in --output.")] = False,
+) -> None:
+    """Run one method on one task sequence; writes R, metrics, generations and adapters to --output."""
+    from .loop.config import load_config
+    from .loop.stages import run as run_stages
+    from .report.plots import write_report
+    from .report.tables import rich_table
+    from .report.runs import read_run
+
+    try:
+        cfg = load_config(config, _overrides(set, method, sequence, model, data_dir))
+        folder = run_stages(cfg, output, resume=resume)
+        write_report([folder], folder / "report")
+        console.print(rich_table([read_run(folder)]))
+    except SliceLoraError as exc:
+        _fail(exc)
+
+
+@app.command()
+def compare(
+    config: ConfigArg = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = METHODS,
+    set: SetOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Comparison folder (one run folder per method).")] = Path("runs/compare"),
+    sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
+    data_dir: DataDirOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue stopped runs in --output.")] = False,
+) -> None:
+    """Run several methods on one sequence and write one table and the plots."""
+    try:
+        _compare(config, _overrides(set, None, sequence, model, data_dir), methods, output, resume)
+    except SliceLoraError as exc:
+        _fail(exc)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder or a comparison folder.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: RUN_DIR).")] = None,
+) -> None:
+    """Recompute the metrics from a run folder and write tables (Markdown, CSV) and plots."""
+    from .report.plots import write_report
+    from .report.runs import find_run_dirs, read_run, write_run_summary
+    from .report.tables import rich_table
+
+    try:
+        runs = find_run_dirs(run_dir)
+        for folder in runs:
+            write_run_summary(folder)
+        written = write_report(runs, output or run_dir)
+        console.print(rich_table([read_run(r) for r in runs]))
+        console.print("written: " + ", ".join(str(p) for p in written))
+    except SliceLoraError as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="A ~3 minute version: fewer examples, no general-ability eval.")] = False,
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/demo"),
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = METHODS,
+) -> None:
+    """SmolLM2-135M-Instruct (embedded) on a 3-task Super-NI sequence: vanilla, LoRA-GA, LoRAM and SLICE compared."""
+    output = output / ("quick" if quick else "full")
+    start = time.perf_counter()
+    try:
+        _compare(None, DEMO_QUICK if quick else DEMO, methods, output, resume=True)
+    except SliceLoraError as exc:
+        _fail(exc)
+    console.print(f"demo finished in {time.perf_counter() - start:.0f} s; results in {output}")
+
+
+@app.command()
+def tasks(data_dir: DataDirOpt = None) -> None:
+    """List the tasks found in the data folders."""
+    from .data.tasks import list_tasks
+
+    for name in list_tasks([str(d) for d in data_dir] if data_dir else None):
+        console.print(name)
+
+
+@app.command()
+def sequences() -> None:
+    """List the registered task sequences."""
+    from .data.sequences import list_sequences, load_sequence
+
+    for name in list_sequences():
+        console.print(f"[bold]{name}[/]: {', '.join(load_sequence(name).tasks)}")
+
+
+if __name__ == "__main__":
+    app()

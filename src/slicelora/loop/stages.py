@@ -1,0 +1,281 @@
+"""The continual-learning stage loop (SPEC 2), top to bottom:
+
+    for each task T_t of the sequence:
+        1. add a fresh LoRA adapter to the current (merged) model
+        2. initialise it (vanilla | lora_ga | loram | slice, with SLICE's replay buffer of past tasks)
+        3. train only the adapter on T_t
+        4. merge it into the weights
+        5. evaluate every task seen so far -> row t of R
+
+After every stage the run folder gets, atomically: the init diagnostics and initial factors, the trained adapter
+(PEFT format), the loss curve, every generation with its score, and the R row. `resume=True` rebuilds the merged
+model from those files and continues after the last finished step, ending with the same results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from ..data.prompts import make_batches
+from ..data.sequences import load_sequence
+from ..data.tasks import Example, Task, load_task
+from ..errors import RunStateError
+from ..eval.general import GeneralConfig, general_scores
+from ..eval.tasks import evaluate_task
+from ..init import InitConfig, init_adapter
+from ..init.decompose import absorb
+from ..init.gradients import canonical_name
+from ..io import write_json, write_text, write_with
+from ..models import load_model
+from ..report.runs import write_run_summary
+from .config import RunConfig, from_dict
+from .train import train_adapter
+
+ABSORBING = ("lora_ga", "loram", "slice")
+
+
+# --- data for one stage ----------------------------------------------------------------------------------------
+
+def replay_buffer(task: Task, size: int, seed: int) -> list[Example]:
+    """A fixed, seed-determined sample of a past task's train split (the same at every later stage)."""
+    rng = random.Random(f"{seed}:{task.name}")
+    return rng.sample(task.train, min(size, len(task.train)))
+
+
+def training_examples(task: Task, past: list[Task], config: RunConfig) -> list[Example]:
+    """The task's train split (capped by train.max_examples), plus experience replay when train.replay_examples > 0."""
+    examples = task.train
+    if config.train.max_examples is not None and len(examples) > config.train.max_examples:
+        examples = random.Random(f"{config.seed}:{task.name}:train").sample(examples, config.train.max_examples)
+    for old in past if config.train.replay_examples else []:
+        examples = examples + replay_buffer(old, config.train.replay_examples, config.seed)
+    return examples
+
+
+def init_batches(task: Task, past: list[Task], config: RunConfig, tokenizer, stage: int):
+    """SLICE's gradient batches: S of the current task, and S per past task (each_task) or S in all (all_tasks)."""
+    cfg = config.init
+    kw = dict(tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=config.train.max_length,
+              loss_on=cfg.loss_on, seed=config.seed + stage, num_batches=cfg.batches)
+    current = make_batches(task.train, **kw)
+    if cfg.method != "slice" or not past:
+        return current, []
+    buffers = [replay_buffer(old, cfg.replay_buffer, config.seed) for old in past]
+    if cfg.replay_batching == "each_task":
+        return current, [b for buffer in buffers for b in make_batches(buffer, **kw)]
+    return current, make_batches([ex for buffer in buffers for ex in buffer], **kw)
+
+
+def lora_config(config: RunConfig) -> LoraConfig:
+    a = config.adapter
+    return LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, use_rslora=True,
+                      target_modules=list(a.targets), init_lora_weights=True)
+
+
+def init_config(config: RunConfig, stage: int) -> InitConfig:
+    c = config.init
+    return InitConfig(lora_ga_variant=c.lora_ga_variant, selection=c.selection, strength=c.strength, gate=c.gate,
+                      surgery_mode=c.surgery_mode, seed=config.seed + stage, offload_to_cpu=c.offload_to_cpu,
+                      targets=tuple(config.adapter.targets))
+
+
+# --- run folder ------------------------------------------------------------------------------------------------
+
+def stage_dir(run_dir: Path, stage: int) -> Path:
+    return run_dir / "stages" / f"{stage:02d}"
+
+
+def _fault_point(stage: int, step: str) -> None:
+    """Fault injection for the resume tests: SLICELORA_FAULT="2:train" kills this process there."""
+    if os.environ.get("SLICELORA_FAULT") == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
+    """Refuse a folder that holds another run, or results that would be overwritten without --resume."""
+    saved = run_dir / "config.json"
+    if saved.is_file():
+        try:
+            previous = from_dict(json.loads(saved.read_text()))
+        except Exception as exc:  # noqa: BLE001 - any unreadable config means "a different run"
+            raise RunStateError(f"{saved} cannot be read ({exc}); choose another --output folder.") from None
+        if previous.fingerprint() != config.fingerprint():
+            raise RunStateError(
+                f"{run_dir} holds a different run (its config.json differs from this config). "
+                "Choose another --output folder, or run with that folder's config.json to resume it."
+            )
+        if not resume and (run_dir / "stages").exists():
+            raise RunStateError(f"{run_dir} already has results of this run; pass --resume to continue it.")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunStateError(f"{run_dir} is not empty and holds no run; choose an empty or new --output folder.")
+    write_json(saved, config.to_dict())
+
+
+def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Copies of the adapter's factors right after init (A0, B0): with them the absorbed base can be rebuilt."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            tensors[f"{canonical_name(name)}.A"] = module.lora_A["default"].weight.detach().clone().cpu()
+            tensors[f"{canonical_name(name)}.B"] = module.lora_B["default"].weight.detach().clone().cpu()
+    return tensors
+
+
+def _save_adapter(path: Path, model: PeftModel) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> torch.nn.Module:
+    """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
+    trained adapter, with the same operations as the live run, so the result is bitwise the same."""
+    peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
+    init = json.loads((folder / "init.json").read_text())
+    if init["method"] in ABSORBING:
+        factors = load_file(str(folder / "init_factors.safetensors"))
+        with torch.no_grad():
+            for name, module in peft_model.named_modules():
+                if "default" in getattr(module, "lora_A", {}):
+                    key = canonical_name(name)
+                    base = module.get_base_layer()
+                    base.weight.copy_(absorb(base.weight, factors[f"{key}.A"], factors[f"{key}.B"],
+                                             module.scaling["default"]))
+    return peft_model.merge_and_unload()
+
+
+def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
+    """The base onto which stage `stage`'s saved adapter loads (PeftModel.from_pretrained): the model merged up to
+    stage-1, with this stage's initial factors absorbed (for absorbing inits)."""
+    run_dir = Path(run_dir)
+    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    model, _ = load_model(config.model)
+    for t in range(1, stage):
+        model = rebuild_stage(model, stage_dir(run_dir, t), config)
+    folder = stage_dir(run_dir, stage)
+    if json.loads((folder / "init.json").read_text())["method"] in ABSORBING:
+        factors = load_file(str(folder / "init_factors.safetensors"))
+        scaling = config.adapter.alpha / config.adapter.rank ** 0.5
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if f"{name}.A" in factors:
+                    module.weight.copy_(absorb(module.weight, factors[f"{name}.A"], factors[f"{name}.B"], scaling))
+    return model
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+
+def run(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    base_general: dict | None = None,
+    accelerator: Accelerator | None = None,
+) -> Path:
+    """Run `config` into `run_dir` (or resume it there) and return the folder. `base_general` reuses the base
+    model's general-ability scores computed elsewhere (e.g. by `compare`, once for every method)."""
+    run_dir = Path(run_dir)
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    shard = (accelerator.process_index, accelerator.num_processes)
+    if main:
+        _prepare_run_dir(run_dir, config, resume)
+    accelerator.wait_for_everyone()
+
+    sequence = load_sequence(config.sequence)
+    data_dirs = config.data_dirs or None
+    tasks = [load_task(ref, data_dirs, heldout_size=config.eval.heldout_size, seed=config.seed,
+                       allow_reasoning_variant=config.allow_reasoning_variant) for ref in sequence.tasks]
+    if main:
+        write_json(run_dir / "tasks.json", [task.name for task in tasks])
+    dtype = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model, tokenizer = load_model(config.model, dtype=dtype, device=accelerator.device)
+    general = _general(run_dir, config, model, tokenizer, "base", base_general, accelerator)
+
+    for t, task in enumerate(tasks, start=1):
+        folder = stage_dir(run_dir, t)
+        if (folder / "scores.json").is_file():  # finished earlier: replay its weight change
+            model = rebuild_stage(model, folder, config)
+            continue
+        if (folder / "train.json").is_file():  # trained and saved, not yet evaluated
+            model = rebuild_stage(model, folder, config)
+        else:
+            # 1. a fresh adapter on the current merged model
+            peft_model = get_peft_model(model, lora_config(config))
+            # 2. initialise it
+            current, replay = init_batches(task, tasks[:t - 1], config, tokenizer, t)
+            report = init_adapter(peft_model, config.init.method, init_config(config, t),
+                                  current=current[shard[0]::shard[1]], replay=replay[shard[0]::shard[1]] or None)
+            factors = initial_factors(peft_model) if config.init.method in ABSORBING else {}
+            _fault_point(t, "init")
+            # 3. train only the adapter
+            curve = train_adapter(peft_model, tokenizer, training_examples(task, tasks[:t - 1], config),
+                                  config.train, accelerator, seed=config.seed + 1000 * t, desc=f"stage {t} train")
+            _fault_point(t, "train")
+            if main:
+                if factors:
+                    write_with(folder / "init_factors.safetensors", lambda p: save_file(factors, str(p)))
+                write_json(folder / "init.json", {**report.to_dict(), "stage": t, "task": task.name,
+                                                  "tau": config.init.gate})
+                _save_adapter(folder / "adapter", peft_model)
+                write_json(folder / "train.json", curve)
+            accelerator.wait_for_everyone()
+            # 4. merge
+            model = peft_model.merge_and_unload()
+            del peft_model
+        # 5. evaluate every task seen so far
+        scores, generations = {}, []
+        for seen in tasks[:t]:
+            metric = seen.metric if config.eval.scoring == "paper" else seen.native_metric
+            records = evaluate_task(model, tokenizer, seen, examples=config.eval.examples, metric=metric,
+                                    max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                                    max_prompt_length=config.train.max_length, shard=shard)
+            records = sorted(gather_object(records) if shard[1] > 1 else records, key=lambda r: r["index"])
+            scores[seen.name] = sum(r["score"] for r in records) / len(records)
+            generations += records
+        _fault_point(t, "eval")
+        if main:
+            write_text(folder / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generations))
+            write_json(folder / "scores.json", {"stage": t, "task": task.name, "scores": scores})
+            write_run_summary(run_dir)
+        accelerator.wait_for_everyone()
+
+    _general(run_dir, config, model, tokenizer, "final", general, accelerator)
+    if main:
+        write_run_summary(run_dir)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _general(run_dir: Path, config: RunConfig, model, tokenizer, which: str, known: dict | None, accelerator) -> dict:
+    """GP/IP scores of the base model ("base") or after the last stage ("final"), kept in general.json."""
+    path = run_dir / "general.json"
+    general = json.loads(path.read_text()) if path.is_file() else {}
+    if which == "base" and known and "base" in known:
+        general["base"] = known["base"]
+    if not config.general.enabled or which in general:
+        if accelerator.is_main_process and general:
+            write_json(path, general)
+        return general
+    g = config.general
+    if accelerator.is_main_process:
+        general[which] = general_scores(model, tokenizer, GeneralConfig(
+            limit=g.limit, shots=g.shots, seed=config.seed, batch_size=g.batch_size, max_length=g.max_length,
+            benchmarks=tuple(g.benchmarks)))
+        write_json(path, general)
+    accelerator.wait_for_everyone()
+    return general

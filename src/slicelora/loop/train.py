@@ -1,0 +1,90 @@
+"""Train the adapter on one task: AdamW, linear schedule with warmup, gradient accumulation, bf16 autocast.
+
+Data-parallel under accelerate: every rank sees the same global batches and takes its own rows of each, and
+gradients are averaged by DDP at each optimiser step, so N processes follow one process's schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ..data.prompts import make_batches
+from ..data.tasks import Example
+from .config import TrainSection
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast is fast and exact enough here (native bf16 on the GPU or the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return bool(cpu)
+
+
+def rank_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global batch (all rows with one process)."""
+    return {k: batch[k][rank::world] for k in MODEL_INPUTS}
+
+
+def train_adapter(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    cfg: TrainSection,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    desc: str = "train",
+) -> dict:
+    """Train the trainable parameters of `model` (the LoRA adapter) on `examples`; return the loss curve."""
+    start = time.perf_counter()
+    epochs = [make_batches(examples, tokenizer, cfg.batch_size, cfg.max_length, cfg.loss_on, seed=seed + e)
+              for e in range(cfg.epochs)]
+    steps_per_epoch = math.ceil(len(epochs[0]) / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    wrapped = accelerator.prepare_model(model)
+    use_bf16 = cfg.bf16 and bf16_supported(accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and cfg.batch_size < world:
+        raise ValueError(f"train.batch_size={cfg.batch_size} must be at least the number of processes ({world}).")
+    wrapped.train()
+    losses: list[float] = []
+    bar = tqdm(total=total, desc=desc, leave=False, disable=not accelerator.is_main_process)
+    for batches in epochs:
+        for start_idx in range(0, len(batches), cfg.grad_accum):
+            group = batches[start_idx:start_idx + cfg.grad_accum]
+            step_loss = 0.0
+            for i, batch in enumerate(group):
+                inputs = {k: v.to(accelerator.device) for k, v in rank_rows(batch, rank, world).items()}
+                sync = i == len(group) - 1
+                with (contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)), \
+                        torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = wrapped(**inputs).loss / len(group)
+                loss.backward()
+                step_loss += loss.item()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+    bar.close()
+    wrapped.eval()
+    del wrapped, optimizer
+    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16}
