@@ -10,6 +10,8 @@ from slicelora.data.prompts import make_batches
 from slicelora.data.tasks import Example
 from slicelora.models import LLAMA_TARGETS, tiny_llama, tiny_tokenizer
 
+torch.set_num_threads(1)  # tiny models gain nothing from threads, and threads contend badly on a busy machine
+
 
 def toy_examples(kind: str, n: int = 24) -> list[Example]:
     """Two toy tasks with different mappings, so their gradients differ."""

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,6 +67,8 @@ def training_examples(task: Task, past: list[Task], config: RunConfig) -> list[E
 def init_batches(task: Task, past: list[Task], config: RunConfig, tokenizer, stage: int):
     """SLICE's gradient batches: S of the current task, and S per past task (each_task) or S in all (all_tasks)."""
     cfg = config.init
+    if cfg.method in ("vanilla", "loram"):  # data-free inits
+        return [], []
     kw = dict(tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=config.train.max_length,
               loss_on=cfg.loss_on, seed=config.seed + stage, num_batches=cfg.batches)
     current = make_batches(task.train, **kw)
@@ -185,9 +188,11 @@ def run(
     resume: bool = False,
     base_general: dict | None = None,
     accelerator: Accelerator | None = None,
+    on_stage: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> Path:
     """Run `config` into `run_dir` (or resume it there) and return the folder. `base_general` reuses the base
-    model's general-ability scores computed elsewhere (e.g. by `compare`, once for every method)."""
+    model's general-ability scores computed elsewhere (e.g. by `compare`, once for every method). `on_stage(t,
+    model)` is called with the merged model after each stage (e.g. to inspect or save it)."""
     run_dir = Path(run_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -237,6 +242,8 @@ def run(
             # 4. merge
             model = peft_model.merge_and_unload()
             del peft_model
+        if on_stage is not None:
+            on_stage(t, model)
         # 5. evaluate every task seen so far
         scores, generations = {}, []
         for seen in tasks[:t]:

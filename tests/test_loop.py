@@ -1,0 +1,124 @@
+"""The stage loop end to end on a tiny model: every method, resume after a crash at each step, saved adapters,
+config and run-folder errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from peft import PeftModel
+
+from slicelora.errors import ConfigError, RunStateError
+from slicelora.loop.config import load_config
+from slicelora.loop.stages import run, stage_base_model
+from slicelora.models import tiny_llama, tiny_tokenizer
+from slicelora.report.runs import read_run
+
+SMALL = ["sequence=demo", "adapter.rank=4", "init.batches=2", "init.batch_size=4", "init.replay_buffer=8",
+         "train.epochs=1", "train.batch_size=4", "train.grad_accum=2", "train.max_length=96", "train.max_examples=12",
+         "eval.examples=3", "eval.max_new_tokens=3", "general.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def small_config(model: Path, *extra: str):
+    return load_config(None, [f"model={model}", *SMALL, *extra])
+
+
+def probe(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["vanilla", "lora_ga", "loram", "slice"])
+def test_three_stage_run_for_each_method(tiny_folder, tmp_path, method):
+    out = run(small_config(tiny_folder, f"init.method={method}"), tmp_path / method)
+    result = read_run(out)
+    assert result.method == method and result.R.shape == (3, 3)
+    lower = result.R[torch.tril(torch.ones(3, 3)).bool().numpy()]
+    assert ((lower >= 0) & (lower <= 100)).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"AP", "FP", "Forget", "BWT", "max_forgetting"} <= set(metrics)
+    generations = [json.loads(line) for line in (out / "stages" / "03" / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 9 and {"prediction", "references", "score", "metric"} <= set(generations[0])
+    init = json.loads((out / "stages" / "02" / "init.json").read_text())
+    assert init["method"] == method
+    if method == "slice":
+        assert init["surgery"] is not None and init["replay_batches"] == 2  # each_task: 2 batches of 1 past task
+    assert (out / "stages" / "01" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_saved_adapter_reproduces_the_stage_model(tiny_folder, tmp_path):
+    live = {}
+    out = run(small_config(tiny_folder, "init.method=slice"), tmp_path / "run",
+              on_stage=lambda t, m: live.__setitem__(t, probe(m)))
+    for t in (1, 2):
+        base = stage_base_model(out, t)
+        loaded = PeftModel.from_pretrained(base, out / "stages" / f"{t:02d}" / "adapter")
+        torch.testing.assert_close(probe(loaded), live[t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("step", ["2:init", "2:train", "3:eval"])
+def test_resume_after_a_crash_gives_the_same_results(tiny_folder, tmp_path, step):
+    config_args = [f"model={tiny_folder}", *SMALL, "init.method=slice"]
+    reference = run(small_config(tiny_folder, "init.method=slice"), tmp_path / "reference")
+    script = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
+              "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
+    env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
+    crashed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "resumed"), *config_args], env=env,
+                             capture_output=True, timeout=600)
+    assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]  # killed at the fault point
+    assert not (tmp_path / "resumed" / "stages" / "03" / "scores.json").exists()
+    run(small_config(tiny_folder, "init.method=slice"), tmp_path / "resumed", resume=True)
+    a, b = read_run(reference), read_run(tmp_path / "resumed")
+    np.testing.assert_array_equal(a.R, b.R)
+    for t in (1, 2, 3):
+        stage = lambda d: d / "stages" / f"{t:02d}"
+        assert (stage(reference) / "generations.jsonl").read_text() == (stage(tmp_path / "resumed") / "generations.jsonl").read_text()
+        ours = load_file(str(stage(tmp_path / "resumed") / "adapter" / "adapter_model.safetensors"))
+        theirs = load_file(str(stage(reference) / "adapter" / "adapter_model.safetensors"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_run_folder_guards(tiny_folder, tmp_path):
+    out = run(small_config(tiny_folder, "init.method=loram"), tmp_path / "run")
+    with pytest.raises(RunStateError, match="pass --resume"):
+        run(small_config(tiny_folder, "init.method=loram"), out)
+    with pytest.raises(RunStateError, match="holds a different run"):
+        run(small_config(tiny_folder, "init.method=vanilla"), out, resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunStateError, match="not empty"):
+        run(small_config(tiny_folder), tmp_path / "other")
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean train.lr"):
+        load_config(None, ["train.lrr=1e-4"])
+    with pytest.raises(ConfigError, match="choose one of vanilla"):
+        load_config(None, ["init.method=pissa"])
+    with pytest.raises(ConfigError, match="not a valid int"):
+        load_config(None, ["adapter.rank=big"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.epoch'.*train.epochs"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("init:\n  method: lora_ga\ntrain:\n  lr: 0.0003\n")
+    config = load_config(good, ["train.epochs=2"])
+    assert (config.init.method, config.train.lr, config.train.epochs) == ("lora_ga", 3e-4, 2)
