@@ -87,4 +87,5 @@ def train_adapter(
     bar.close()
     wrapped.eval()
     del wrapped, optimizer
+    accelerator.free_memory()  # drop accelerate's reference to the DDP wrapper; the next stage wraps a new model
     return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16}
