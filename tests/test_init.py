@@ -316,3 +316,36 @@ def test_two_processes_give_the_same_slice_adapter(tmp_path, batches, replay_bat
     assert set(one) == set(two) and len(one) > 0
     for name in one:  # float noise of the all-reduce, amplified by close singular values of the tiny model
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_inplace_projection_equals_the_copying_one():
+    cur, rep = random_grads(0), {k: -v for k, v in random_grads(0).items()}
+    rep = {k: v + 0.5 * w for (k, v), w in zip(rep.items(), random_grads(7).values())}
+    expected, _ = project_conflicting(cur, rep)
+    copy = {k: v.clone() for k, v in cur.items()}
+    got, _ = project_conflicting(copy, rep, inplace=True)
+    for k in cur:
+        assert got[k] is copy[k] and torch.equal(got[k], expected[k])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model, batches):
+    plain = accumulate_gradients(model, batches)
+    checkpointed = accumulate_gradients(model, batches, gradient_checkpointing=True)
+    assert not model.is_gradient_checkpointing
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_buffers_that_do_not_fit_are_refused_before_any_work(model, batches, monkeypatch):
+    import slicelora.init.gradients as gradients
+
+    peft_model = wrap(model)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    monkeypatch.setattr(gradients, "free_bytes", lambda device: 1000)
+    with pytest.raises(InitError, match=r"need .* MiB on cpu .* fewer target modules"):
+        init_adapter(peft_model, "slice", current=batches, replay=batches)
+    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())
+    needed = gradients.check_buffer_memory(model, 2)
+    weights = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
+    biggest = max(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
+    assert needed == 4 * (2 * weights + biggest)

@@ -8,6 +8,7 @@ counts are all-reduced, so N processes over N shards of the batches give the mea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -64,6 +65,35 @@ def _all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory on `device` (CUDA: the driver's count; CPU: available physical pages), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_buffer_memory(model: nn.Module, sets: int, *, targets: Sequence[str] | None = None,
+                        offload_to_cpu: bool = False) -> int:
+    """Refuse, before any work, gradient buffers that cannot fit: `sets` float32 copies of every target weight
+    plus one layer's raw gradient, on the CPU when offloaded, else on the model's device. Returns the bytes needed."""
+    layers = target_layers(model, targets or LLAMA_TARGETS)
+    device = torch.device("cpu") if offload_to_cpu else next(model.parameters()).device
+    sizes = [layer.weight.numel() for layer in layers.values()]
+    needed = 4 * (sets * sum(sizes) + max(sizes))
+    free = free_bytes(device)
+    if free is not None and needed > free:
+        advice = ("use fewer target modules or a machine with more memory" if device.type == "cpu" else
+                  "set init.offload_to_cpu=true (InitConfig(offload_to_cpu=True)) to keep them in CPU memory")
+        raise InitError(
+            f"the gradient buffers need {needed / 2**20:.1f} MiB on {device} ({sets} float32 set(s) of "
+            f"{len(sizes)} target weights) but only {free / 2**20:.1f} MiB are free: {advice}."
+        )
+    return needed
+
+
 def accumulate_gradients(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -71,6 +101,7 @@ def accumulate_gradients(
     targets: Sequence[str] | None = None,
     offload_to_cpu: bool = False,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    gradient_checkpointing: bool = False,
     desc: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean over `batches` of d(LM loss)/dW for every target weight W, as float32 tensors keyed by layer name.
@@ -78,6 +109,8 @@ def accumulate_gradients(
     The model runs in eval mode (no dropout) so the gradient is that of the deterministic loss; its train/eval
     state, every requires_grad flag and the target weights' .grad are restored afterwards, whatever happens.
     `transform(name, grad)` must be linear (the mean of transformed gradients is returned).
+    `gradient_checkpointing` recomputes activations in the backward pass (Hugging Face models), trading time for
+    activation memory on large models.
     """
     layers = target_layers(model, targets or LLAMA_TARGETS)
     device = next(model.parameters()).device
@@ -101,8 +134,11 @@ def accumulate_gradients(
                 sums[name] = grad  # the grad was detached from the weight above, so it is ours
         return hook
 
+    checkpointing = gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False)
     count = 0
     try:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for p in params:
             p.requires_grad_(False)
         for name, layer in layers.items():
@@ -123,6 +159,8 @@ def accumulate_gradients(
             layer.weight.grad = None
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
+        if checkpointing:
+            model.gradient_checkpointing_disable()
         model.train(was_training)
 
     if _is_distributed():

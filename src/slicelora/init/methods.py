@@ -24,7 +24,7 @@ from ..errors import InitError
 from ..io import write_with
 from ..models import LLAMA_TARGETS
 from .decompose import Selection, absorb, dst_basis, lowrank_svd, select_factors, variance_matched_scale
-from .gradients import accumulate_gradients, canonical_name, target_layers
+from .gradients import accumulate_gradients, canonical_name, check_buffer_memory, target_layers
 from .surgery import SurgeryMode, SurgeryReport, project_conflicting
 
 METHODS = ("vanilla", "lora_ga", "loram", "slice")
@@ -45,6 +45,7 @@ class InitConfig:
     seed: int = 42  # the SVD's random start (and vanilla's Kaiming draw)
     niter: int = 4
     offload_to_cpu: bool = False  # keep gradient buffers in CPU memory
+    gradient_checkpointing: bool = False  # recompute activations in the gradient passes (large models)
     gradient_cache: str | None = None  # a safetensors file: reuse the gradients when model and batches match
     targets: tuple[str, ...] = LLAMA_TARGETS
 
@@ -110,7 +111,9 @@ def _gradients(model, current: list, replay: list, layers, config: InitConfig, u
             report.gradients_from_cache = True
             pick = lambda part: {n[len(part) + 1:]: t for n, t in tensors.items() if n.startswith(part + "/")}
             return pick("current"), (pick("replay") if use_replay else None)
-    kw = dict(targets=config.targets, offload_to_cpu=config.offload_to_cpu)
+    check_buffer_memory(model, 2 if use_replay else 1, targets=config.targets, offload_to_cpu=config.offload_to_cpu)
+    kw = dict(targets=config.targets, offload_to_cpu=config.offload_to_cpu,
+              gradient_checkpointing=config.gradient_checkpointing)
     g_cur = accumulate_gradients(model, current, desc="gradients (current task)", **kw)
     g_rep = accumulate_gradients(model, replay, desc="gradients (replay)", **kw) if use_replay else None
     if cache is not None:
@@ -194,8 +197,9 @@ def init_adapter(
         grads = g_cur
         if use_replay:
             grads, report.surgery = project_conflicting(
-                g_cur, g_rep, strength=config.strength, gate=config.gate, mode=config.surgery_mode
+                g_cur, g_rep, strength=config.strength, gate=config.gate, mode=config.surgery_mode, inplace=True
             )
+            del g_rep
 
     new: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():

@@ -52,12 +52,14 @@ def project_conflicting(
     gate: float = 0.0,
     mode: SurgeryMode = "global",
     eps: float = 1e-12,
+    inplace: bool = False,
 ) -> tuple[dict[str, torch.Tensor], SurgeryReport]:
     """Return G = G_cur - c * (d / (n_rep + eps)) * G_rep where cos(G_cur, G_rep) < gate, else G_cur.
 
     `mode="global"` (the paper's) computes d, the norms and the cosine over all layers at once and applies one
     scalar to every layer; `mode="per_layer"` decides and projects each layer on its own. With strength c = 1 the
-    result is orthogonal to G_rep (PCGrad); c < 1 is a damped projection.
+    result is orthogonal to G_rep (PCGrad); c < 1 is a damped projection. `inplace=True` overwrites the current
+    gradients instead of allocating a third set of buffers (the init does this).
     """
     if set(current) != set(replay):
         raise InitError(f"current and replay gradients cover different layers: {sorted(set(current) ^ set(replay))[:5]}")
@@ -89,7 +91,11 @@ def project_conflicting(
             fired = layer_cos < gate
             scalar = strength * dots[name] / (n_rep[name] + eps) if fired else 0.0
         layers[name] = LayerConflict(layer_cos, fired, scalar)
-        projected[name] = (g_cur.double() - scalar * replay[name].double()).to(g_cur.dtype) if fired else g_cur
+        if fired:
+            exact = g_cur.double() - scalar * replay[name].double()
+            projected[name] = g_cur.copy_(exact) if inplace else exact.to(g_cur.dtype)
+        else:
+            projected[name] = g_cur
 
     d_after = sum(_dot(projected[n], replay[n]) for n in projected)
     n_after = sum(_dot(projected[n], projected[n]) for n in projected)

@@ -59,7 +59,7 @@ class TrainSection:
     bf16: bool = True  # autocast to bfloat16 where the device supports it
     max_examples: int | None = None  # cap on training examples per task (None: the whole train split)
     replay_examples: int = 0  # experience replay: examples per past task mixed into training (off in the paper)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # in training and in the init's gradient passes
 
 
 @dataclass

@@ -90,7 +90,7 @@ def init_config(config: RunConfig, stage: int) -> InitConfig:
     c = config.init
     return InitConfig(lora_ga_variant=c.lora_ga_variant, selection=c.selection, strength=c.strength, gate=c.gate,
                       surgery_mode=c.surgery_mode, seed=config.seed + stage, offload_to_cpu=c.offload_to_cpu,
-                      targets=tuple(config.adapter.targets))
+                      gradient_checkpointing=config.train.gradient_checkpointing, targets=tuple(config.adapter.targets))
 
 
 # --- run folder ------------------------------------------------------------------------------------------------

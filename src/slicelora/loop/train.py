@@ -56,6 +56,8 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = accelerator.prepare_model(model)
     use_bf16 = cfg.bf16 and bf16_supported(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -86,6 +88,8 @@ def train_adapter(
             bar.set_postfix(loss=f"{step_loss:.3f}")
     bar.close()
     wrapped.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     del wrapped, optimizer
     accelerator.free_memory()  # drop accelerate's reference to the DDP wrapper; the next stage wraps a new model
     return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16}
