@@ -345,6 +345,7 @@ def test_buffers_that_do_not_fit_are_refused_before_any_work(model, batches, mon
     with pytest.raises(InitError, match=r"need .* MiB on cpu .* fewer target modules"):
         init_adapter(peft_model, "slice", current=batches, replay=batches)
     assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())
+    monkeypatch.undo()
     needed = gradients.check_buffer_memory(model, 2)
     weights = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
     biggest = max(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
