@@ -148,6 +148,48 @@ def demo(
 
 
 @app.command()
+def mine(
+    pool: Annotated[str, typer.Option(help="Comma-separated task refs, or 'all' for every task in the data folders.")] = "all",
+    size: Annotated[int, typer.Option(help="Tasks per sequence.")] = 5,
+    top: Annotated[int, typer.Option(help="How many lowest (and highest) subsets to keep.")] = 10,
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/mine"),
+    model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
+    data_dir: DataDirOpt = None,
+    batches: Annotated[int, typer.Option(help="Gradient batches per task.")] = 4,
+    batch_size: int = 4,
+    max_length: int = 256,
+    loss_on: Annotated[str, typer.Option(help="full (paper) or answer: which tokens the loss covers.")] = "full",
+    k: Annotated[int, typer.Option(help="CountSketch dimension.")] = 200_000,
+    mode: Annotated[str, typer.Option(help="sketch, or exact (keeps full signatures; reports the sketch error).")] = "sketch",
+    method: Annotated[str, typer.Option(help="exhaustive, beam or greedy subset search.")] = "exhaustive",
+    seed: int = 42,
+    allow_reasoning_variant: Annotated[bool, typer.Option(help="Train MeetingBank on TRACE's reasoning split.")] = True,
+) -> None:
+    """Find the most opposed task subsets by gradient cosine on the base model (SPEC 6) and write a YAML of
+    sequences that `slicelora run --sequence FILE.yaml:NAME` accepts."""
+    from .data.tasks import list_tasks, load_task
+    from .mining import SignatureSettings, mine as mine_tasks, write_mining_outputs
+    from .models import load_model
+
+    try:
+        dirs = [str(d) for d in data_dir] if data_dir else None
+        refs = list_tasks(dirs) if pool == "all" else [r.strip() for r in pool.split(",") if r.strip()]
+        tasks = [load_task(r, dirs, seed=seed, allow_reasoning_variant=allow_reasoning_variant) for r in refs]
+        settings = SignatureSettings(batches=batches, batch_size=batch_size, max_length=max_length, seed=seed,
+                                     loss_on=loss_on, k=k, mode=mode)
+        net, tokenizer = load_model(model)
+        result = mine_tasks(net, tokenizer, tasks, settings, size, top, method=method)
+        written = write_mining_outputs(result, output)
+    except SliceLoraError as exc:
+        _fail(exc)
+    for label, subsets in (("most opposed", result.lowest), ("most aligned", result.highest)):
+        console.print(f"[bold]{label}[/]")
+        for names, score in subsets[:5]:
+            console.print(f"  {score:+.3f}  {', '.join(names)}")
+    console.print("written: " + ", ".join(str(p) for p in written.values()))
+
+
+@app.command()
 def tasks(data_dir: DataDirOpt = None) -> None:
     """List the tasks found in the data folders."""
     from .data.tasks import list_tasks
