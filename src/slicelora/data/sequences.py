@@ -62,7 +62,11 @@ def load_sequence(name_or_path: str | Path) -> Sequence:
         raise DataError(f"a sequence is a name or a YAML path, got {type(name_or_path).__name__} {name_or_path!r}.")
     match = _FILE_REF.fullmatch(name_or_path.strip())
     if match:
-        return _from_file(Path(match["path"]).expanduser(), match["name"])
+        try:
+            path = Path(match["path"]).expanduser()
+        except RuntimeError as e:  # "~someone/x.yaml" for an unknown user
+            raise DataError(f"sequence file {match['path']!r}: {e} Give the path without ~user.") from e
+        return _from_file(path, match["name"])
     registry = _registry()
     key = _normalise(name_or_path)
     if key in registry:
@@ -94,6 +98,8 @@ def _from_file(path: Path, name: str | None) -> Sequence:
         raise DataError(f"sequence file {path} cannot be read ({e.strerror or e}). Check the path.") from e
     except UnicodeDecodeError as e:
         raise DataError(f"sequence file {path} is not UTF-8 text ({e}).") from e
+    except ValueError as e:  # a NUL byte in the path
+        raise DataError(f"sequence file {str(path)!r} cannot be read ({e}). Check the path.") from e
     sequences = _parse(text, str(path), path.stem)
     if name is None:
         if len(sequences) == 1:
@@ -115,6 +121,13 @@ def _parse(text: str, where: str, default_name: str) -> dict[str, list[str]]:
         data: Any = yaml.load(text, Loader=_TextLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise DataError(f"{where}: not valid YAML ({e}).") from e
+    except (ValueError, LookupError, TypeError, AttributeError, RecursionError) as e:
+        # PyYAML's constructors fail this way on a bad explicit tag (!!int abc, !!timestamp x, !!bool maybe) and
+        # its parser on nesting too deep
+        raise DataError(
+            f"{where}: not valid YAML ({type(e).__name__}: {str(e)[:200]}). Remove explicit !!tags and deep nesting; "
+            "write task references as plain strings."
+        ) from e
     schema = 'expected "sequences: {name: [task, ...]}" or "name: ...\\ntasks: [task, ...]"'
     if not isinstance(data, dict):
         raise DataError(f"{where}: {schema}, got {type(data).__name__}.")

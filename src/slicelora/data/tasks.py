@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,8 +227,12 @@ def _resolve(ref: str | Path, data_dirs: list[Path]) -> Path:
     if not isinstance(ref, (str, Path)):
         raise DataError(f"a task reference must be a string or a path, got {_kind(ref)} {ref!r}.")
     if _looks_like_path(ref):
-        path = Path(ref).expanduser()
-        if not path.exists():
+        try:
+            path = Path(ref).expanduser()
+            exists = path.exists()
+        except (OSError, ValueError, RuntimeError) as e:  # an unknown ~user, a NUL byte, an over-long name
+            raise DataError(f"task path {str(ref)!r} cannot be looked up ({e}). Give an existing file or folder.") from e
+        if not exists:
             raise DataError(f"task path {path} does not exist. Give an existing task file or folder, or a task name.")
         return path
     key = ref.strip()
@@ -279,9 +284,14 @@ def _read_json(path: Path) -> Any:
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Repair the file or copy it again "
             "from its source."
         ) from e
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise DataError(
             f"{path}: cannot be read ({e}). Check that it is a complete UTF-8 .json file or a gzip'd .json.gz file."
+        ) from e
+    except (ValueError, RecursionError) as e:  # an integer over Python's digit limit, or nesting too deep to parse
+        raise DataError(
+            f"{path}: not valid task JSON ({type(e).__name__}: {str(e)[:200]}). A task file holds strings, lists and "
+            "objects of modest depth; repair the file or copy it again from its source."
         ) from e
 
 

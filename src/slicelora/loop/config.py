@@ -140,7 +140,7 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
         return hint(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
         raise ConfigError(f"{where}: {key}={value!r} is not a valid {getattr(hint, '__name__', hint)}.") from None
 
 
@@ -163,7 +163,8 @@ def _set(config: Any, key: str, value: Any, where: str) -> None:
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in data.items():
-        if isinstance(v, dict):
+        # Valid keys are at most 2 deep; deeper nesting (or a YAML alias cycle) is left as one unknown key.
+        if isinstance(v, dict) and prefix.count(".") < 2:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + str(k)] = v
@@ -176,11 +177,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist.") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc}); save it as a UTF-8 YAML file.") from None
+        except (OSError, ValueError) as exc:  # a folder, no permission, a NUL byte or an over-long name
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({exc}); give a YAML file's path.") from None
+        data = _parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}.")
         for key, value in _flatten(data).items():
@@ -189,9 +193,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=2e-4.")
-        _set(config, key.strip(), yaml.safe_load(value) if value.strip() else None, "override")
+        _set(config, key.strip(), _parse_yaml(value, f"override {item!r}") if value.strip() else None, "override")
     validate(config)
     return config
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, with every failure (syntax, a bad explicit !!tag, deep nesting) as a ConfigError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+    except (ValueError, LookupError, TypeError, AttributeError, RecursionError) as exc:
+        # PyYAML's constructors fail this way on e.g. !!int abc, !!timestamp x, a 5000-digit integer
+        raise ConfigError(f"{where} is not valid YAML ({type(exc).__name__}: {str(exc)[:200]}); remove explicit "
+                          "!!tags and write numbers plainly, e.g. train.lr=2e-4.") from None
 
 
 def validate(config: RunConfig) -> None:
