@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,7 +14,7 @@ from .errors import SliceLoraError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Continual fine-tuning with LoRA: SLICE and its baselines (vanilla, LoRA-GA, LoRAM).")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get the whole table
 METHODS = "vanilla,lora_ga,loram,slice"
 
 # The embedded demo: SmolLM2-135M-Instruct on 3 short Super-NI tasks, sized for 2 CPU cores (full: ~15 min).
@@ -43,6 +44,20 @@ def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None) -> 
     return out
 
 
+def _accelerator():
+    """One accelerate state per command: the device and, under torchrun / accelerate launch, the process group."""
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _finish(accelerator) -> None:
+    """End a (possibly multi-process) command cleanly: all ranks meet, then the process group is torn down."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def _compare(config: Optional[Path], overrides: list[str], methods: str, output: Path, resume: bool) -> None:
     from .loop.config import load_config
     from .loop.stages import run as run_stages
@@ -52,17 +67,22 @@ def _compare(config: Optional[Path], overrides: list[str], methods: str, output:
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     configs = {m: load_config(config, overrides + [f"init.method={m}"]) for m in names}  # all checked up front
+    accelerator = _accelerator()
+    main = accelerator.is_main_process
     base_general = None
     for name, cfg in configs.items():
-        console.rule(f"[bold]{name}")
+        if main:
+            console.rule(f"[bold]{name}")
         start = time.perf_counter()
-        folder = run_stages(cfg, output / name, resume=resume,
-                            base_general=base_general)
+        folder = run_stages(cfg, output / name, resume=resume, base_general=base_general, accelerator=accelerator)
         base_general = read_run(folder).general or base_general
-        console.print(f"{name}: {time.perf_counter() - start:.0f} s")
-    written = write_report([output / m for m in names], output)
-    console.print(rich_table([read_run(output / m) for m in names]))
-    console.print("written: " + ", ".join(str(p) for p in written))
+        if main:
+            console.print(f"{name}: {time.perf_counter() - start:.0f} s")
+    if main:
+        written = write_report([output / m for m in names], output)
+        console.print(rich_table([read_run(output / m) for m in names]))
+        console.print("written: " + ", ".join(str(p) for p in written))
+    _finish(accelerator)
 
 
 @app.command()
@@ -85,9 +105,12 @@ def run(
 
     try:
         cfg = load_config(config, _overrides(set, method, sequence, model, data_dir))
-        folder = run_stages(cfg, output, resume=resume)
-        write_report([folder], folder / "report")
-        console.print(rich_table([read_run(folder)]))
+        accelerator = _accelerator()
+        folder = run_stages(cfg, output, resume=resume, accelerator=accelerator)
+        if accelerator.is_main_process:
+            write_report([folder], folder / "report")
+            console.print(rich_table([read_run(folder)]))
+        _finish(accelerator)
     except SliceLoraError as exc:
         _fail(exc)
 

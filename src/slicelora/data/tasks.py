@@ -82,7 +82,7 @@ class Task:
 
 def default_data_dirs() -> list[Path]:
     """The folders searched for tasks: entries of $SLICELORA_DATA first, then the repo's shipped `data/` folder."""
-    dirs = [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
+    dirs = [_expand(p, ENV_VAR) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
     if REPO_DATA_DIR.is_dir():
         dirs.append(REPO_DATA_DIR)
     return dirs
@@ -166,7 +166,15 @@ def _dirs(data_dirs: Sequence[str | Path] | None) -> list[Path]:
         return default_data_dirs()
     if isinstance(data_dirs, (str, Path)):
         data_dirs = [data_dirs]
-    return [Path(d).expanduser() for d in data_dirs]
+    return [_expand(d, "data_dirs") for d in data_dirs]
+
+
+def _expand(folder: str | Path, where: str) -> Path:
+    """`~` expanded; an unknown `~user` is our error, not a RuntimeError from pathlib."""
+    try:
+        return Path(folder).expanduser()
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"{where}: data folder {str(folder)!r} cannot be expanded ({exc}); give a plain path.") from None
 
 
 def _strip_json(name: str) -> str | None:

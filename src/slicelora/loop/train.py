@@ -18,6 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..data.prompts import make_batches
 from ..data.tasks import Example
+from ..errors import ConfigError
 from .config import TrainSection
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -62,7 +63,7 @@ def train_adapter(
     use_bf16 = cfg.bf16 and bf16_supported(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     if world > 1 and cfg.batch_size < world:
-        raise ValueError(f"train.batch_size={cfg.batch_size} must be at least the number of processes ({world}).")
+        raise ConfigError(f"train.batch_size={cfg.batch_size} must be at least the number of processes ({world}).")
     wrapped.train()
     losses: list[float] = []
     bar = tqdm(total=total, desc=desc, leave=False, disable=not accelerator.is_main_process)
