@@ -2,7 +2,8 @@
 
     report = init_adapter(peft_model, "slice", InitConfig(strength=1.0), current=batches, replay=past_batches)
 
-Everything is computed before the model is touched, so a failed init leaves the model as it was. Absorbing
+Every layer's factors are computed before the model is touched, so a failed init (a rank too large, a degenerate
+gradient, ...) leaves the model as it was; the absorption then runs one layer at a time. Absorbing
 methods subtract s B A from the base weight, so the model's function is unchanged right after the init.
 """
 
@@ -200,23 +201,24 @@ def init_adapter(
                 g_cur, g_rep, strength=config.strength, gate=config.gate, mode=config.surgery_mode, inplace=True
             )
             del g_rep
+        del g_cur  # `grads` is now the only owner, so popping a layer's gradient frees it
 
-    new: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    # Factors first (small), each layer's gradient dropped once used; the absorbed weight is made one layer at a
+    # time while copying, so no second full set of target weights is ever alive.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():
         base = layer.get_base_layer()
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        a, b, beta = _factors(method, grads.get(name), base.weight.detach(), layer.r[adapter_name], config)
-        if name in grads:
-            a, b = a.to(grads[name].device), b.to(grads[name].device)
-        a, b = a.to(lora_a.device, lora_a.dtype), b.to(lora_b.device, lora_b.dtype)
+        a, b, beta = _factors(method, grads.pop(name, None), base.weight.detach(), layer.r[adapter_name], config)
+        factors[name] = (a.to(lora_a.device, lora_a.dtype), b.to(lora_b.device, lora_b.dtype))
         if beta is not None:
             report.betas[name] = beta
-        new[name] = (a, b, absorb(base.weight.detach(), a, b, layer.scaling[adapter_name]))
     with torch.no_grad():
-        for name, (a, b, weight) in new.items():
+        for name, (a, b) in factors.items():
             layer = layers[name]
+            weight = layer.get_base_layer().weight
+            weight.copy_(absorb(weight.detach(), a, b, layer.scaling[adapter_name]))
             layer.lora_A[adapter_name].weight.copy_(a)
             layer.lora_B[adapter_name].weight.copy_(b)
-            layer.get_base_layer().weight.copy_(weight)
     report.seconds = time.perf_counter() - start
     return report

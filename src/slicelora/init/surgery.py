@@ -40,8 +40,20 @@ class SurgeryReport:
         return asdict(self)
 
 
+CHUNK = 1 << 18  # elements per float64 block: the surgery's scratch memory stays at a few MiB per layer
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.sum(a.double() * b.double()))
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(float(torch.dot(a[i:i + CHUNK].double(), b[i:i + CHUNK].double())) for i in range(0, a.numel(), CHUNK))
+
+
+def _subtract_inplace(g: torch.Tensor, r: torch.Tensor, scalar: float) -> torch.Tensor:
+    """g <- g - scalar * r, each block computed in float64 and rounded once (the same values as unchunked)."""
+    flat, rep = g.view(-1), r.reshape(-1)
+    for i in range(0, flat.numel(), CHUNK):
+        flat[i:i + CHUNK].copy_(flat[i:i + CHUNK].double() - scalar * rep[i:i + CHUNK].double())
+    return g
 
 
 def project_conflicting(
@@ -92,8 +104,10 @@ def project_conflicting(
             scalar = strength * dots[name] / (n_rep[name] + eps) if fired else 0.0
         layers[name] = LayerConflict(layer_cos, fired, scalar)
         if fired:
-            exact = g_cur.double() - scalar * replay[name].double()
-            projected[name] = g_cur.copy_(exact) if inplace else exact.to(g_cur.dtype)
+            if inplace:
+                projected[name] = _subtract_inplace(g_cur, replay[name], scalar)
+            else:
+                projected[name] = (g_cur.double() - scalar * replay[name].double()).to(g_cur.dtype)
         else:
             projected[name] = g_cur
 
