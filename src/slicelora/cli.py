@@ -18,11 +18,12 @@ console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes 
 METHODS = "vanilla,lora_ga,loram,slice"
 
 # The embedded demo: SmolLM2-135M-Instruct on 3 short Super-NI tasks, sized for 2 CPU cores (full: ~15 min).
-DEMO = ["sequence=demo", "adapter.rank=8", "adapter.alpha=16", "init.batches=2", "init.batch_size=8",
-        "init.replay_buffer=16", "train.epochs=1", "train.lr=5e-4", "train.batch_size=8", "train.grad_accum=1",
-        "train.max_length=128", "train.max_examples=96", "eval.examples=32", "eval.max_new_tokens=16",
+DEMO = ["sequence=demo", "adapter.rank=8", "adapter.alpha=2", "init.batches=4", "init.batch_size=8",
+        "init.replay_buffer=32", "train.epochs=1", "train.lr=5e-4", "train.batch_size=8", "train.grad_accum=1",
+        "train.max_length=128", "train.max_examples=128", "eval.examples=32", "eval.max_new_tokens=16",
         "eval.batch_size=32", "general.limit=16", "general.shots=3", "general.max_length=768"]
-DEMO_QUICK = DEMO + ["train.max_examples=32", "eval.examples=16", "general.enabled=false", "init.replay_buffer=8"]
+DEMO_QUICK = DEMO + ["init.batches=2", "init.replay_buffer=16", "train.max_examples=32", "eval.examples=16",
+                     "general.enabled=false"]
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (paper defaults for anything not set).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key=value, e.g. train.lr=2e-4.")]

@@ -150,8 +150,10 @@ def plot_init(runs: Sequence[Run], path: Path) -> Path | None:
     cosine."""
     series = []
     for run, label in zip(runs, run_labels(runs)):
-        cos = np.array([_as_number((d or {}).get("cosine")) for d in run.init])
-        fired = [bool(np.any((d or {}).get("fired"))) for d in run.init]
+        # init.json keeps SLICE's diagnostics under "surgery" (InitReport); a flat record is read as well
+        records = [(d or {}).get("surgery") or (d or {}) for d in run.init]
+        cos = np.array([_as_number(r.get("cosine")) for r in records])
+        fired = [bool(np.any(r.get("fired"))) for r in records]
         if np.isfinite(cos).any():
             series.append((run, label, cos, fired))
     if not series:
