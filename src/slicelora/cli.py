@@ -21,7 +21,7 @@ METHODS = "vanilla,lora_ga,loram,slice"
 DEMO = ["sequence=demo", "adapter.rank=8", "adapter.alpha=2", "init.batches=4", "init.batch_size=8",
         "init.replay_buffer=32", "train.epochs=1", "train.lr=5e-4", "train.batch_size=8", "train.grad_accum=1",
         "train.max_length=128", "train.max_examples=128", "eval.examples=32", "eval.max_new_tokens=16",
-        "eval.batch_size=32", "general.limit=16", "general.shots=3", "general.max_length=768"]
+        "eval.batch_size=32", "general.limit=10", "general.shots=3", "general.max_length=768"]
 DEMO_QUICK = DEMO + ["init.batches=2", "init.replay_buffer=16", "train.max_examples=32", "eval.examples=16",
                      "general.enabled=false"]
 

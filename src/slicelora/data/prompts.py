@@ -68,9 +68,9 @@ def encode_example(tokenizer, example: Example, max_length: int, loss_on: LossOn
         full_text = prompt_text + example.answer + (tokenizer.eos_token or "")
     prompt_ids = _ids(tokenizer, prompt_text)
     answer_ids = _ids(tokenizer, full_text[len(prompt_text):])[:max_length]
-    keep = max_length - len(answer_ids)
+    keep = max(max_length - len(answer_ids), 0)  # prompt tokens that fit beside the answer
     truncated = len(prompt_ids) > keep
-    prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep > 0 else []
+    prompt_ids = prompt_ids[max(len(prompt_ids) - keep, 0):]
     masked = [IGNORE_INDEX] * len(prompt_ids) if loss_on == "answer" else list(prompt_ids)
     return Encoded(prompt_ids + answer_ids, masked + answer_ids, truncated)
 
