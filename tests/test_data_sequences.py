@@ -29,9 +29,18 @@ SPEC = {  # SPEC 5, in order
 
 
 def test_registry_matches_spec() -> None:
-    assert list_sequences() == [*SPEC, "demo"]
+    names = list_sequences()
+    assert names[: len(SPEC) + 1] == [*SPEC, "demo"]
     for name, tasks in SPEC.items():
         assert load_sequence(name) == Sequence(name, tasks)
+
+
+def test_mined_sequences_resolve_to_shipped_tasks() -> None:
+    mined = [n for n in list_sequences() if n.startswith("smollm2-")]
+    assert len(mined) == 8
+    for name in mined:
+        tasks = [load_task(ref, SHIPPED, allow_reasoning_variant=True).name for ref in load_sequence(name).tasks]
+        assert len(set(tasks)) == 5
 
 
 def test_names_are_case_and_separator_insensitive() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -73,26 +74,62 @@ def test_saved_adapter_reproduces_the_stage_model(tiny_folder, tmp_path):
         torch.testing.assert_close(probe(loaded), live[t], atol=1e-5, rtol=0)
 
 
+RESUME_SCRIPT = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
+                 "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_folder, tmp_path_factory) -> Path:
+    return run(small_config(tiny_folder, "init.method=slice"), tmp_path_factory.mktemp("reference") / "run")
+
+
+def run_command(tiny_folder: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", RESUME_SCRIPT, str(out), f"model={tiny_folder}", *SMALL, "init.method=slice"]
+
+
+def assert_same_run(reference: Path, other: Path) -> None:
+    """Same R, same generations (text) and bitwise the same adapters at every stage."""
+    np.testing.assert_array_equal(read_run(reference).R, read_run(other).R)
+    for t in (1, 2, 3):
+        a, b = reference / "stages" / f"{t:02d}", other / "stages" / f"{t:02d}"
+        assert (a / "generations.jsonl").read_text() == (b / "generations.jsonl").read_text()
+        ours = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+        theirs = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 @pytest.mark.parametrize("step", ["2:init", "2:train", "3:eval"])
-def test_resume_after_a_crash_gives_the_same_results(tiny_folder, tmp_path, step):
-    config_args = [f"model={tiny_folder}", *SMALL, "init.method=slice"]
-    reference = run(small_config(tiny_folder, "init.method=slice"), tmp_path / "reference")
-    script = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
-              "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
+def test_resume_after_a_crash_gives_the_same_results(tiny_folder, reference_run, tmp_path, step):
     env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
-    crashed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "resumed"), *config_args], env=env,
-                             capture_output=True, timeout=600)
+    crashed = subprocess.run(run_command(tiny_folder, tmp_path / "resumed"), env=env, capture_output=True, timeout=600)
     assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]  # killed at the fault point
     assert not (tmp_path / "resumed" / "stages" / "03" / "scores.json").exists()
     run(small_config(tiny_folder, "init.method=slice"), tmp_path / "resumed", resume=True)
-    a, b = read_run(reference), read_run(tmp_path / "resumed")
-    np.testing.assert_array_equal(a.R, b.R)
-    for t in (1, 2, 3):
-        stage = lambda d: d / "stages" / f"{t:02d}"
-        assert (stage(reference) / "generations.jsonl").read_text() == (stage(tmp_path / "resumed") / "generations.jsonl").read_text()
-        ours = load_file(str(stage(tmp_path / "resumed") / "adapter" / "adapter_model.safetensors"))
-        theirs = load_file(str(stage(reference) / "adapter" / "adapter_model.safetensors"))
-        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert_same_run(reference_run, tmp_path / "resumed")
+
+
+def test_resume_after_kills_at_random_moments(tiny_folder, reference_run, tmp_path):
+    """SIGKILL at seeded random moments (in imports, gradient passes, training, evaluation or writing), resume each
+    time, and end with exactly the uninterrupted results; no half-written file is ever left."""
+    rng = random.Random(7)
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = 0
+    for delay in (rng.uniform(4, 12) for _ in range(3)):
+        process = subprocess.Popen(run_command(tiny_folder, out), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            kills += 1
+        for written in out.rglob("*.json"):  # whatever a reader can see is complete (temp files are hidden)
+            if not written.name.startswith("."):
+                json.loads(written.read_text())
+    run(small_config(tiny_folder, "init.method=slice"), out, resume=True)
+    assert kills >= 1
+    assert_same_run(reference_run, out)
 
 
 def test_run_folder_guards(tiny_folder, tmp_path):
