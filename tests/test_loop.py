@@ -62,6 +62,8 @@ def test_three_stage_run_for_each_method(tiny_folder, tmp_path, method):
     if method == "slice":
         assert init["surgery"] is not None and init["replay_batches"] == 2  # each_task: 2 batches of 1 past task
     assert (out / "stages" / "01" / "adapter" / "adapter_config.json").is_file()
+    train = json.loads((out / "stages" / "01" / "train.json").read_text())
+    assert train["examples"] == 12 and 0 <= train["truncated_prompts"] <= 12  # byte-level prompts: many are cut
 
 
 def test_saved_adapter_reproduces_the_stage_model(tiny_folder, tmp_path):

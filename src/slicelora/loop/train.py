@@ -48,10 +48,12 @@ def train_adapter(
     seed: int,
     desc: str = "train",
 ) -> dict:
-    """Train the trainable parameters of `model` (the LoRA adapter) on `examples`; return the loss curve."""
+    """Train the trainable parameters of `model` (the LoRA adapter) on `examples`; return the loss curve and how
+    many prompts were cut from the left to fit train.max_length."""
     start = time.perf_counter()
-    epochs = [make_batches(examples, tokenizer, cfg.batch_size, cfg.max_length, cfg.loss_on, seed=seed + e)
-              for e in range(cfg.epochs)]
+    stats: dict[str, int] = {}  # prompts cut from the left to fit max_length (counted once, in the first epoch)
+    epochs = [make_batches(examples, tokenizer, cfg.batch_size, cfg.max_length, cfg.loss_on, seed=seed + e,
+                           stats=stats if e == 0 else None) for e in range(cfg.epochs)]
     steps_per_epoch = math.ceil(len(epochs[0]) / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,4 +95,5 @@ def train_adapter(
         model.gradient_checkpointing_disable()
     del wrapped, optimizer
     accelerator.free_memory()  # drop accelerate's reference to the DDP wrapper; the next stage wraps a new model
-    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16}
+    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16,
+            "truncated_prompts": stats["truncated"], "examples": stats["examples"]}
