@@ -17,11 +17,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get the whole table
 METHODS = "vanilla,lora_ga,loram,slice"
 
-# The embedded demo: SmolLM2-135M-Instruct on 3 short Super-NI tasks, sized for 2 CPU cores (full: ~15 min).
+# The embedded demo: SmolLM2-135M-Instruct on 3 short Super-NI tasks, sized for 2 idle CPU cores (full: ~13 min).
 DEMO = ["sequence=demo", "adapter.rank=8", "adapter.alpha=2", "init.batches=4", "init.batch_size=8",
         "init.replay_buffer=32", "train.epochs=1", "train.lr=5e-4", "train.batch_size=8", "train.grad_accum=1",
-        "train.max_length=128", "train.max_examples=128", "eval.examples=32", "eval.max_new_tokens=16",
-        "eval.batch_size=32", "general.limit=10", "general.shots=3", "general.max_length=768"]
+        "train.max_length=128", "train.max_examples=96", "eval.examples=24", "eval.max_new_tokens=16",
+        "eval.batch_size=32", "general.limit=8", "general.shots=3", "general.max_length=768"]
 DEMO_QUICK = DEMO + ["init.batches=2", "init.replay_buffer=16", "train.max_examples=32", "eval.examples=16",
                      "general.enabled=false"]
 
