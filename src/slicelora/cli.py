@@ -22,7 +22,7 @@ DEMO = ["sequence=demo", "adapter.rank=8", "adapter.alpha=2", "init.batches=4", 
         "init.replay_buffer=32", "train.epochs=1", "train.lr=5e-4", "train.batch_size=8", "train.grad_accum=1",
         "train.max_length=128", "train.max_examples=96", "eval.examples=24", "eval.max_new_tokens=16",
         "eval.batch_size=32", "general.limit=8", "general.shots=3", "general.max_length=768"]
-DEMO_QUICK = DEMO + ["init.batches=2", "init.replay_buffer=16", "train.max_examples=32", "eval.examples=16",
+DEMO_QUICK = DEMO + ["init.batches=2", "init.replay_buffer=16", "train.max_examples=24", "eval.examples=12",
                      "general.enabled=false"]
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (paper defaults for anything not set).")]
