@@ -157,7 +157,7 @@ def report(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="A ~3 minute version: fewer examples, no general-ability eval.")] = False,
+    quick: Annotated[bool, typer.Option(help="A ~3.5 minute version: fewer examples, no general-ability eval.")] = False,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/demo"),
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = METHODS,
 ) -> None:
