@@ -12,7 +12,8 @@ mask). In float32 that is ~1e-6 relative, enough to flip a greedy choice only at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +48,18 @@ def _longest_first(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
+@contextmanager
+def evaluating(model) -> Iterator[None]:
+    """Eval mode under inference_mode, the model's training mode given back afterwards whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -76,23 +89,18 @@ def generate(
     order = _longest_first([len(e) for e in encoded])
     pad_id, device = _pad_id(tokenizer), _model_device(model)
     outputs = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="ex") as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                ids, mask = _left_pad([encoded[i] for i in batch], pad_id, device)
-                out = model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                    do_sample=False, use_cache=True, pad_token_id=pad_id,
-                )
-                texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-                for i, text in zip(batch, texts):
-                    outputs[i] = text.strip()
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    with evaluating(model), tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="ex") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids, mask = _left_pad([encoded[i] for i in batch], pad_id, device)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                do_sample=False, use_cache=True, pad_token_id=pad_id,
+            )
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, texts):
+                outputs[i] = text.strip()
+            bar.update(len(batch))
     return outputs
 
 
@@ -136,26 +144,21 @@ def sequence_logprobs(
     order = _longest_first([len(ids) for ids, _ in encoded])
     pad_id, device = _pad_id(tokenizer), _model_device(model)
     results: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, disable=desc is None, unit="seq") as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                ids, mask = _left_pad([encoded[i][0] for i in batch], pad_id, device)
-                counts = torch.tensor([encoded[i][1] for i in batch], device=device)
-                k = int(counts.max())
-                # Columns W-k-1 .. W-2 predict the last k tokens (W-k .. W-1); row r needs only its last counts[r].
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=k + 1
-                ).logits[:, -k - 1:-1]
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                token_lp = logprobs.gather(-1, ids[:, -k:].unsqueeze(-1)).squeeze(-1)
-                wanted = torch.arange(k, device=device).unsqueeze(0) >= (k - counts).unsqueeze(1)
-                sums = torch.where(wanted, token_lp, 0.0).sum(-1).tolist()
-                for row, i in enumerate(batch):
-                    results[i] = (sums[row], encoded[i][1], len(continuations[i]))
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    with evaluating(model), tqdm(total=len(encoded), desc=desc, disable=desc is None, unit="seq") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids, mask = _left_pad([encoded[i][0] for i in batch], pad_id, device)
+            counts = torch.tensor([encoded[i][1] for i in batch], device=device)
+            k = int(counts.max())
+            # Columns W-k-1 .. W-2 predict the last k tokens (W-k .. W-1); row r needs only its last counts[r].
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=k + 1
+            ).logits[:, -k - 1:-1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            token_lp = logprobs.gather(-1, ids[:, -k:].unsqueeze(-1)).squeeze(-1)
+            wanted = torch.arange(k, device=device).unsqueeze(0) >= (k - counts).unsqueeze(1)
+            sums = torch.where(wanted, token_lp, 0.0).sum(-1).tolist()
+            for row, i in enumerate(batch):
+                results[i] = (sums[row], encoded[i][1], len(continuations[i]))
+            bar.update(len(batch))
     return results
