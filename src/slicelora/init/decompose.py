@@ -78,11 +78,20 @@ def variance_matched_scale(a: torch.Tensor, b: torch.Tensor, weight: torch.Tenso
     var_ba = product_variance(a, b)
     if var_ba <= 0:
         raise InitError("B A has zero variance: the gradient gave a degenerate decomposition.")
-    var_w = float(weight.double().var(unbiased=False))
-    return (rho * var_w / var_ba) ** 0.25
+    return (rho * entry_variance(weight) / var_ba) ** 0.25
+
+
+def entry_variance(weight: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """Population variance of the entries, two-pass in float64 over blocks of `chunk` entries: the same value as
+    weight.double().var(unbiased=False) without a float64 copy of the whole matrix."""
+    flat = weight.detach().reshape(-1)
+    blocks = range(0, flat.numel(), chunk)
+    mean = sum(float(flat[i:i + chunk].double().sum()) for i in blocks) / flat.numel()
+    return sum(float((flat[i:i + chunk].double() - mean).square().sum()) for i in blocks) / flat.numel()
 
 
 def absorb(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W - s B A, computed in float32 from the factors as the adapter will hold them, returned in W's dtype."""
-    offset = scaling * (b.to(weight.device).float() @ a.to(weight.device).float())
-    return (weight.float() - offset).to(weight.dtype)
+    """W - s B A, computed in float32 from the factors as the adapter will hold them, returned in W's dtype.
+    One d_out x d_in float32 buffer (plus the cast back for a bf16 W): the product is added in place."""
+    out = weight.to(torch.float32, copy=True)
+    return out.addmm_(b.to(out.device).float(), a.to(out.device).float(), alpha=-scaling).to(weight.dtype)

@@ -3,7 +3,8 @@
 Each target weight gets a post-accumulate hook that folds its fresh gradient into a float32 buffer (optionally on
 the CPU, optionally through a linear `transform` such as a sketch) and frees it at once, so at most one layer's raw
 gradient is alive at a time. Nothing else requires grad during the pass. Under torch.distributed the sums and batch
-counts are all-reduced, so N processes over N shards of the batches give the mean over all of them.
+counts are all-reduced, so N processes over N shards of the batches give the mean over all of them. Under FSDP2
+the buffers are sharded like the weights (see sharding.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from ..errors import InitError
 from ..models import LLAMA_TARGETS
+from .sharding import all_reduce_sum, is_distributed, is_sharded, local, offload
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 PEFT_PREFIX = "base_model.model."
@@ -29,6 +32,14 @@ def canonical_name(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """nn.Linear itself (not a quantised subclass), also when FSDP2 re-classed it as FSDPLinear to shard it alone."""
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        cls = cls.__mro__[2]  # FSDP<Orig>, FSDPModule, Orig, ...
+    return cls is nn.Linear
+
+
 def target_layers(model: nn.Module, targets: Sequence[str] = LLAMA_TARGETS) -> dict[str, nn.Linear]:
     """Map each target module's canonical name to the nn.Linear holding its full weight (PEFT: the base layer)."""
     layers: dict[str, nn.Linear] = {}
@@ -37,7 +48,7 @@ def target_layers(model: nn.Module, targets: Sequence[str] = LLAMA_TARGETS) -> d
             continue
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         weight = getattr(base, "weight", None)
-        if type(base) is not nn.Linear or weight is None or not weight.dtype.is_floating_point:
+        if not _plain_linear(base) or weight is None or not weight.dtype.is_floating_point:
             raise InitError(
                 f"layer {canonical_name(name)!r} is a {type(base).__name__} with weight dtype "
                 f"{getattr(weight, 'dtype', None)}: gradient-based inits need full-precision nn.Linear layers. "
@@ -50,20 +61,6 @@ def target_layers(model: nn.Module, targets: Sequence[str] = LLAMA_TARGETS) -> d
             "pass the names of the model's linear projections as targets."
         )
     return layers
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum across ranks; a CPU buffer travels through `device` when the backend cannot reduce CPU tensors."""
-    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
-        on_device = tensor.to(device)
-        dist.all_reduce(on_device)
-        return on_device.to("cpu")
-    dist.all_reduce(tensor)
-    return tensor
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -79,11 +76,12 @@ def free_bytes(device: torch.device) -> int | None:
 def check_buffer_memory(model: nn.Module, sets: int, *, targets: Sequence[str] | None = None,
                         offload_to_cpu: bool = False) -> int:
     """Refuse, before any work, gradient buffers that cannot fit: `sets` float32 copies of every target weight
-    plus one layer's raw gradient, on the CPU when offloaded, else on the model's device. Returns the bytes needed."""
+    plus one whole layer (its raw gradient, or the layer gathered from its shards), on the CPU when offloaded, else
+    on the model's device. Under FSDP a rank's buffers hold only its shards. Returns the bytes needed."""
     layers = target_layers(model, targets or LLAMA_TARGETS)
     device = torch.device("cpu") if offload_to_cpu else next(model.parameters()).device
-    sizes = [layer.weight.numel() for layer in layers.values()]
-    needed = 4 * (sets * sum(sizes) + max(sizes))
+    sizes = [local(layer.weight).numel() for layer in layers.values()]
+    needed = 4 * (sets * sum(sizes) + max(layer.weight.numel() for layer in layers.values()))
     free = free_bytes(device)
     if free is not None and needed > free:
         advice = ("use fewer target modules or a machine with more memory" if device.type == "cpu" else
@@ -112,9 +110,18 @@ def accumulate_gradients(
     `transform(name, grad)` must be linear (the mean of transformed gradients is returned).
     `gradient_checkpointing` recomputes activations in the backward pass (Hugging Face models), trading time for
     activation memory on large models.
+
+    Under FSDP2 (`fully_shard`) the weights and their gradients are sharded DTensors; FSDP averages each batch's
+    gradient across ranks, and the buffers stay sharded like the weights (the caller gathers one layer at a time).
+    Every rank must then get the same number of batches, which is checked before the first one.
     """
     layers = target_layers(model, targets or LLAMA_TARGETS)
     device = next(model.parameters()).device
+    sharded = any(is_sharded(layer.weight) for layer in layers.values())
+    if sharded and transform is not None:
+        raise InitError("a gradient transform (e.g. a mining sketch) needs whole layers: run it on an unsharded model.")
+    batches = list(batches)
+    count = _batches_summed(len(batches), device, sharded)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     was_training = model.training
@@ -128,7 +135,7 @@ def accumulate_gradients(
             if transform is not None:
                 grad = transform(name, grad)
             if offload_to_cpu:
-                grad = grad.to("cpu")
+                grad = offload(grad)
             if name in sums:
                 sums[name].add_(grad)
             else:
@@ -139,10 +146,9 @@ def accumulate_gradients(
     # A fresh PEFT adapter (every lora_B zero) adds nothing to the function: run the base model without its LoRA
     # branches, which otherwise cost a few extra kernels and saved activations per target layer and batch.
     lora_b = [w for n, w in model.named_parameters() if ".lora_B." in n]
-    bypass = (hasattr(model, "disable_adapter") and bool(lora_b)
-              and not bool(torch.stack([w.detach().abs().sum() for w in lora_b]).any()))
+    bypass = (hasattr(model, "disable_adapter") and bool(lora_b) and not bool(
+        _over_shards(torch.stack([local(w).detach().count_nonzero() for w in lora_b]), sharded).any()))
     losses: list[torch.Tensor] = []
-    count = 0
     stack = contextlib.ExitStack()
     try:
         if bypass:
@@ -160,10 +166,11 @@ def accumulate_gradients(
             loss = model(**inputs).loss
             loss.backward()
             losses.append(loss.detach())  # checked after the loop: no device sync between batches
-            count += 1
-        finite = torch.isfinite(torch.stack(losses)) if losses else None
-        if finite is not None and not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
+        nonfinite = (~torch.isfinite(torch.stack(losses))).cpu()
+        if int(all_reduce_sum(nonfinite.sum()) if is_distributed() else nonfinite.sum()):  # every rank stops
+            if not nonfinite.any():
+                raise InitError("the LM loss of a gradient batch on another rank is not finite; see its error.")
+            bad = int(nonfinite.nonzero()[0])
             raise InitError(f"the LM loss of gradient batch {bad} is {losses[bad].item()}; check the data and dtype.")
     finally:
         stack.close()
@@ -177,24 +184,43 @@ def accumulate_gradients(
             model.gradient_checkpointing_disable()
         model.train(was_training)
 
-    if _is_distributed():
-        counts = torch.tensor([count], dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
-        per_rank = [torch.zeros_like(counts) for _ in range(dist.get_world_size())]
-        dist.all_gather(per_rank, counts)
-        if min(int(c) for c in per_rank) == 0:
-            raise InitError("a rank received no gradient batches; give every process at least one batch.")
-        count = sum(int(c) for c in per_rank)
-        sums = {name: _all_reduce_sum(sums[name], device) for name in layers}
-    if count == 0:
-        raise InitError("the batch iterable was empty: gradient-based inits need at least one batch.")
-
+    if is_distributed() and not sharded:  # under FSDP each batch's gradient is already averaged across ranks
+        sums = {name: all_reduce_sum(sums[name]) for name in layers}
     means = {name: sums[name].div_(count) for name in layers}
-    for name, grad in means.items():
-        if not torch.isfinite(grad).all():
+    # Per layer: non-finite entries, non-zero entries (summed over shards).
+    flags = _over_shards(torch.stack([torch.stack([(~torch.isfinite(local(g))).sum(), local(g).count_nonzero()])
+                                      for g in means.values()]).cpu(), sharded)
+    for name, (nonfinite, nonzero) in zip(means, flags.tolist()):
+        if nonfinite:
             raise InitError(f"the gradient of layer {name!r} is not finite; lower the learning signal or use float32.")
-        if not grad.any():
+        if not nonzero:
             raise InitError(
                 f"the gradient of layer {name!r} is all zero: the loss does not depend on it "
                 "(are all labels masked, or is the layer frozen/unused?)."
             )
     return means
+
+
+def _over_shards(values: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """Per-rank partial sums over local shards -> sums over the whole tensors (no-op when nothing is sharded)."""
+    return all_reduce_sum(values) if sharded else values
+
+
+def _batches_summed(count: int, device: torch.device, sharded: bool) -> int:
+    """How many batch gradients the final buffers sum: all ranks' (their sums are all-reduced), or under FSDP,
+    which averages each batch across ranks, this rank's, which must equal every other rank's."""
+    if not is_distributed():
+        if count == 0:
+            raise InitError("the batch iterable was empty: gradient-based inits need at least one batch.")
+        return count
+    mine = torch.tensor([count], dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
+    per_rank = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(per_rank, mine)
+    counts = [int(c) for c in per_rank]
+    if min(counts) == 0:
+        raise InitError(f"a rank received no gradient batches (batches per rank: {counts}); "
+                        "give every process at least one batch.")
+    if sharded and len(set(counts)) > 1:
+        raise InitError(f"with FSDP-sharded weights every rank must run the same number of gradient batches, got "
+                        f"{counts}: split the batches evenly (e.g. drop the last len % world_size).")
+    return count if sharded else sum(counts)

@@ -5,12 +5,15 @@
 Every layer's factors are computed before the model is touched, so a failed init (a rank too large, a degenerate
 gradient, ...) leaves the model as it was; the absorption then runs one layer at a time. Absorbing
 methods subtract s B A from the base weight, so the model's function is unchanged right after the init.
+A model sharded with FSDP2 (`fully_shard`) works the same: gradients stay sharded, each layer is gathered alone for
+its SVD and absorption, and every rank writes only its own block (the result equals the unsharded init).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -26,6 +29,7 @@ from ..io import write_with
 from ..models import LLAMA_TARGETS
 from .decompose import Selection, absorb, dst_basis, lowrank_svd, select_factors, variance_matched_scale
 from .gradients import accumulate_gradients, canonical_name, check_buffer_memory, target_layers
+from .sharding import assign_, gather, is_sharded
 from .surgery import SurgeryMode, SurgeryReport, project_conflicting
 
 METHODS = ("vanilla", "lora_ga", "loram", "slice")
@@ -100,6 +104,9 @@ def _fingerprint(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module], 
 
 def _gradients(model, current: list, replay: list, layers, config: InitConfig, use_replay: bool, report: InitReport):
     """G_cur (and G_rep when used), from the cache file when its fingerprint matches, else computed (and cached)."""
+    if config.gradient_cache and any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
+        raise InitError("gradient_cache needs whole gradients: it is not supported with FSDP-sharded weights; "
+                        "set gradient_cache=None (init.gradient_cache: null).")
     key = _fingerprint(model, layers, current + replay) if config.gradient_cache else None
     cache = Path(config.gradient_cache) if config.gradient_cache else None
     if cache is not None and cache.is_file():
@@ -179,7 +186,14 @@ def init_adapter(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             for layer in layers.values():
-                layer.reset_lora_parameters(adapter_name, True)
+                lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+                if is_sharded(lora_a):  # peft's reset_lora_parameters(init_lora_weights=True), drawn whole
+                    a = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=lora_a.device)
+                    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                    assign_(lora_a, a)
+                    assign_(lora_b, torch.zeros(lora_b.shape, dtype=lora_b.dtype))
+                else:
+                    layer.reset_lora_parameters(adapter_name, True)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -204,21 +218,24 @@ def init_adapter(
         del g_cur  # `grads` is now the only owner, so popping a layer's gradient frees it
 
     # Factors first (small), each layer's gradient dropped once used; the absorbed weight is made one layer at a
-    # time while copying, so no second full set of target weights is ever alive.
+    # time while copying, so no second full set of target weights is ever alive. Sharded gradients and weights are
+    # gathered here, one layer at a time.
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():
         base = layer.get_base_layer()
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        a, b, beta = _factors(method, grads.pop(name, None), base.weight.detach(), layer.r[adapter_name], config)
+        grad = grads.pop(name, None)
+        a, b, beta = _factors(method, None if grad is None else gather(grad), gather(base.weight.detach()),
+                              layer.r[adapter_name], config)
+        del grad
         factors[name] = (a.to(lora_a.device, lora_a.dtype), b.to(lora_b.device, lora_b.dtype))
         if beta is not None:
             report.betas[name] = beta
-    with torch.no_grad():
-        for name, (a, b) in factors.items():
-            layer = layers[name]
-            weight = layer.get_base_layer().weight
-            weight.copy_(absorb(weight.detach(), a, b, layer.scaling[adapter_name]))
-            layer.lora_A[adapter_name].weight.copy_(a)
-            layer.lora_B[adapter_name].weight.copy_(b)
+    for name, (a, b) in factors.items():
+        layer = layers[name]
+        weight = layer.get_base_layer().weight
+        assign_(weight, absorb(gather(weight.detach()), a, b, layer.scaling[adapter_name]))
+        assign_(layer.lora_A[adapter_name].weight, a)
+        assign_(layer.lora_B[adapter_name].weight, b)
     report.seconds = time.perf_counter() - start
     return report

@@ -1,6 +1,7 @@
 """One-sided gradient surgery (SPEC 3.1 step 3): remove (part of) the current gradient's conflict with replay.
 
 Only the current gradient changes; the replay gradient is never added. Dot products and norms are float64.
+Gradients sharded under FSDP are projected block by block; only the dot products cross ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 import torch
 
 from ..errors import InitError
+from .sharding import all_reduce_sum, is_sharded, local
 
 SurgeryMode = Literal["global", "per_layer"]
 
@@ -44,13 +46,19 @@ CHUNK = 1 << 18  # elements per float64 block: the surgery's scratch memory stay
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.reshape(-1), b.reshape(-1)
+    """<a, b> in float64 over this rank's block (the whole tensor unless sharded)."""
+    a, b = local(a).reshape(-1), local(b).reshape(-1)
     return sum(float(torch.dot(a[i:i + CHUNK].double(), b[i:i + CHUNK].double())) for i in range(0, a.numel(), CHUNK))
+
+
+def _summed(values: list[float], sharded: bool) -> list[float]:
+    """Per-block partial sums -> sums over whole tensors, in one all-reduce when the gradients are sharded."""
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist() if sharded else values
 
 
 def _subtract_inplace(g: torch.Tensor, r: torch.Tensor, scalar: float) -> torch.Tensor:
     """g <- g - scalar * r, each block computed in float64 and rounded once (the same values as unchunked)."""
-    flat, rep = g.view(-1), r.reshape(-1)
+    flat, rep = local(g).view(-1), local(r).reshape(-1)
     for i in range(0, flat.numel(), CHUNK):
         flat[i:i + CHUNK].copy_(flat[i:i + CHUNK].double() - scalar * rep[i:i + CHUNK].double())
     return g
@@ -85,6 +93,10 @@ def project_conflicting(
         if g_cur.shape != g_rep.shape:
             raise InitError(f"layer {name!r}: current {tuple(g_cur.shape)} and replay {tuple(g_rep.shape)} differ.")
         dots[name], n_cur[name], n_rep[name] = _dot(g_cur, g_rep), _dot(g_cur, g_cur), _dot(g_rep, g_rep)
+    sharded = any(is_sharded(g) for g in current.values())
+    sums = _summed([*dots.values(), *n_cur.values(), *n_rep.values()], sharded)
+    for i, name in enumerate(current):
+        dots[name], n_cur[name], n_rep[name] = sums[i::len(current)]
 
     def cos(d: float, nc: float, nr: float) -> float:
         return d / math.sqrt(nc * nr) if nc > 0 and nr > 0 else 0.0
@@ -111,8 +123,8 @@ def project_conflicting(
         else:
             projected[name] = g_cur
 
-    d_after = sum(_dot(projected[n], replay[n]) for n in projected)
-    n_after = sum(_dot(projected[n], projected[n]) for n in projected)
+    d_after, n_after = _summed([sum(_dot(projected[n], replay[n]) for n in projected),
+                                sum(_dot(projected[n], projected[n]) for n in projected)], sharded)
     report = SurgeryReport(
         mode=mode, strength=strength, gate=gate, cosine=global_cos,
         fired=global_fired if mode == "global" else any(l.fired for l in layers.values()),
