@@ -26,6 +26,25 @@ CHATML_TEMPLATE = (
 )
 
 
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether Hugging Face activation (gradient) checkpointing is on; transformers 5 renamed it "activation"."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing (non-reentrant) on or off, by the new names where this transformers has them."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def cache_dir() -> Path:
     """Where converted models and gradient caches live ($SLICELORA_CACHE, else ~/.cache/slicelora)."""
     return Path(os.environ.get("SLICELORA_CACHE", Path.home() / ".cache" / "slicelora"))

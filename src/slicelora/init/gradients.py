@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from ..errors import InitError
-from ..models import LLAMA_TARGETS
+from ..models import LLAMA_TARGETS, is_checkpointing, set_checkpointing
 from .sharding import all_reduce_sum, is_distributed, is_sharded, local, offload
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -142,7 +142,7 @@ def accumulate_gradients(
                 sums[name] = grad  # the grad was detached from the weight above, so it is ours
         return hook
 
-    checkpointing = gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False)
+    checkpointing = gradient_checkpointing and not is_checkpointing(model)
     # A fresh PEFT adapter (every lora_B zero) adds nothing to the function: run the base model without its LoRA
     # branches, which otherwise cost a few extra kernels and saved activations per target layer and batch.
     lora_b = [w for n, w in model.named_parameters() if ".lora_B." in n]
@@ -154,7 +154,7 @@ def accumulate_gradients(
         if bypass:
             stack.enter_context(model.disable_adapter())
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointing(model, True)
         for p in params:
             p.requires_grad_(False)
         for name, layer in layers.items():
@@ -181,7 +181,7 @@ def accumulate_gradients(
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            set_checkpointing(model, False)
         model.train(was_training)
 
     if is_distributed() and not sharded:  # under FSDP each batch's gradient is already averaged across ranks

@@ -19,6 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from ..data.prompts import make_batches
 from ..data.tasks import Example
 from ..errors import ConfigError
+from ..models import set_checkpointing
 from .config import TrainSection
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -60,7 +61,7 @@ def train_adapter(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     wrapped = accelerator.prepare_model(model)
     use_bf16 = cfg.bf16 and bf16_supported(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -92,7 +93,7 @@ def train_adapter(
     bar.close()
     wrapped.eval()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_checkpointing(model, False)
     del wrapped, optimizer
     accelerator.free_memory()  # drop accelerate's reference to the DDP wrapper; the next stage wraps a new model
     return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16,
