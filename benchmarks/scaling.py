@@ -15,6 +15,9 @@ global batches (task363 from the shipped data) and the same seeds:
       Throughput = global batches / wall seconds (barrier to barrier). The all-reduce's cost is measured apart:
       buffers of the same shapes are all-reduced again right after the pass (median of --reduce-repeats), and
       reported as a share of the two-process pass.
+  (a') with two processes, the same pass with the model sharded by FSDP2 (`fully_shard` on every block and the
+      root): FSDP averages each batch's gradient across ranks and the buffers stay sharded; then every layer is
+      gathered once, as the init does before its SVD. Reported against the replicated two-process pass.
   (b) adapter training: `train_adapter` for --steps optimiser steps (grad_accum 1) of --batch-size rows, after one
       untimed warm-up step. With two processes each rank takes half the rows of every global batch and DDP
       averages the adapter gradients. Steps/s = steps / the loop's own seconds.
@@ -109,6 +112,30 @@ def worker(args: argparse.Namespace) -> None:
         out["allreduce_seconds"] = statistics.median(times)
         out["allreduce_share_of_grad_pass"] = out["allreduce_seconds"] / grad_seconds
     del model, grads
+
+    if distributed:  # (a') the same pass with the model sharded by FSDP2: buffers sharded, then gathered per layer
+        from torch.distributed.fsdp import fully_shard
+
+        from slicelora.init.sharding import gather, local
+
+        model, _ = fresh_peft()
+        for block in model.base_model.model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        accumulate_gradients(model, batches[rank:rank + 1])  # warm-up
+        barrier()
+        start = time.perf_counter()
+        grads = accumulate_gradients(model, mine)
+        barrier()
+        out["fsdp_grad_seconds"] = time.perf_counter() - start
+        out["fsdp_grad_batches_per_s"] = len(batches) / out["fsdp_grad_seconds"]
+        out["fsdp_grad_buffer_mib_per_rank"] = sum(local(g).numel() * 4 for g in grads.values()) / 2 ** 20
+        start = time.perf_counter()
+        for g in grads.values():  # what the init does before each layer's SVD
+            gather(g)
+        barrier()
+        out["fsdp_gather_seconds"] = time.perf_counter() - start
+        del model, grads
 
     # (b) adapter training
     model, tokenizer = fresh_peft()
@@ -245,6 +272,15 @@ def main() -> None:
         flat["allreduce_share_of_grad_pass"] = share
         print(f"all-reduce of the {flat['2p_grad_buffer_mib']:.0f} MiB of gradient buffers: "
               f"{flat['2p_allreduce_seconds']:.3f} s, {100 * share:.1f}% of the two-process gradient pass (medians)")
+        flat["fsdp_over_replicated_grad_throughput"] = (flat["2p_fsdp_grad_batches_per_s"]
+                                                        / flat["2p_grad_batches_per_s"])
+        flat["fsdp_over_replicated_buffer_per_rank"] = (flat["2p_fsdp_grad_buffer_mib_per_rank"]
+                                                        / flat["2p_grad_buffer_mib"])
+        flat["fsdp_gather_share_of_grad_pass"] = flat["2p_fsdp_gather_seconds"] / flat["2p_fsdp_grad_seconds"]
+        print(f"FSDP2 / replicated, 2 processes: gradient pass x{flat['fsdp_over_replicated_grad_throughput']:.2f}, "
+              f"buffers per rank {flat['2p_fsdp_grad_buffer_mib_per_rank']:.1f} vs {flat['2p_grad_buffer_mib']:.1f} "
+              f"MiB (x{flat['fsdp_over_replicated_buffer_per_rank']:.2f}); gathering every layer once: "
+              f"{flat['2p_fsdp_gather_seconds']:.3f} s ({100 * flat['fsdp_gather_share_of_grad_pass']:.1f}% of the pass)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(flat, indent=1, sort_keys=True))

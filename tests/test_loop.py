@@ -57,6 +57,9 @@ def test_three_stage_run_for_each_method(tiny_folder, tmp_path, method):
     assert {"AP", "FP", "Forget", "BWT", "max_forgetting"} <= set(metrics)
     generations = [json.loads(line) for line in (out / "stages" / "03" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 9 and {"prediction", "references", "score", "metric"} <= set(generations[0])
+    scores = json.loads((out / "stages" / "03" / "scores.json").read_text())
+    cut = {task: sum(g["prompt_truncated"] for g in generations if g["task"] == task) for task in result.tasks}
+    assert scores["truncated_prompts"] == cut and sum(cut.values()) > 0  # byte-level prompts: many are cut
     init = json.loads((out / "stages" / "02" / "init.json").read_text())
     assert init["method"] == method
     if method == "slice":

@@ -245,7 +245,7 @@ def run(
         if on_stage is not None:
             on_stage(t, model)
         # 5. evaluate every task seen so far
-        scores, generations = {}, []
+        scores, truncated, generations = {}, {}, []
         for seen in tasks[:t]:
             metric = seen.metric if config.eval.scoring == "paper" else seen.native_metric
             records = evaluate_task(model, tokenizer, seen, examples=config.eval.examples, metric=metric,
@@ -253,11 +253,13 @@ def run(
                                     max_prompt_length=config.train.max_length, shard=shard)
             records = sorted(gather_object(records) if shard[1] > 1 else records, key=lambda r: r["index"])
             scores[seen.name] = sum(r["score"] for r in records) / len(records)
+            truncated[seen.name] = sum(r["prompt_truncated"] for r in records)
             generations += records
         _fault_point(t, "eval")
         if main:
             write_text(folder / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generations))
-            write_json(folder / "scores.json", {"stage": t, "task": task.name, "scores": scores})
+            write_json(folder / "scores.json", {"stage": t, "task": task.name, "scores": scores,
+                                                "truncated_prompts": truncated})
             write_run_summary(run_dir)
         accelerator.wait_for_everyone()
 
