@@ -1,5 +1,7 @@
 """Run by test_init under 1 or 2 processes: every init on a tiny model, batches split by rank; rank 0 saves the
-adapters, base weights and SLICE's cosines. `fsdp` as second argument shards the model with FSDP2 first."""
+adapters, base weights and SLICE's cosines. `fsdp` as second argument shards the model with FSDP2 first; some
+runs then keep FSDP's unsharded copies after a forward (reshard_after_forward=False), which the init must see past.
+Under FSDP, bad splits are also tried: each must be refused with our error on every rank, never a hang."""
 
 import os
 import sys
@@ -18,6 +20,8 @@ from slicelora.init import InitConfig, accumulate_gradients, init_adapter  # noq
 from slicelora.init.sharding import gather, is_sharded, local  # noqa: E402
 from slicelora.models import tiny_llama, tiny_tokenizer  # noqa: E402
 
+import slicelora.init.gradients as gradients  # noqa: E402
+
 RUNS = {  # name: (method, config); gate=1 makes SLICE project whatever the cosine, so the surgery runs
     "vanilla": ("vanilla", InitConfig()),
     "loram": ("loram", InitConfig()),
@@ -35,12 +39,30 @@ tokenizer = tiny_tokenizer()
 current = make_batches(toy_examples("sentiment"), tokenizer, batch_size=4, max_length=64, seed=1, num_batches=4)
 replay = make_batches(toy_examples("reverse"), tokenizer, batch_size=4, max_length=64, seed=2, num_batches=4)
 saved = {}
+# Odd row counts (MLP 51, r=3) so that FSDP's shards are uneven (rank 0 holds one row more than rank 1).
+ODD = dict(hidden_size=50, intermediate_size=51, num_attention_heads=5, num_key_value_heads=5)
+
+
+def plain_model():
+    return wrap(tiny_llama(tokenizer, seed=0, **ODD), r=3)
+
+
+def sharded_model(blocks: slice = slice(None), reshard_after_forward: bool = True):
+    model = plain_model()
+    for layer in model.base_model.model.model.layers[blocks]:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    if blocks == slice(None):
+        fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
 for run, (method, config) in RUNS.items():
-    model = wrap(tiny_llama(tokenizer, seed=0))
     if fsdp:
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        model = sharded_model(reshard_after_forward=run not in ("loram", "lora_ga_reference"))
+    else:
+        model = plain_model()
+    with torch.no_grad():  # under FSDP with reshard_after_forward=False this leaves unsharded copies behind
+        model(input_ids=current[0]["input_ids"][:1])
     data = {"current": current[rank::world]} if method in ("lora_ga", "slice") else {}
     if method == "slice":
         data["replay"] = replay[rank::world]
@@ -51,22 +73,43 @@ for run, (method, config) in RUNS.items():
     if report.surgery is not None:
         saved[f"{run}/cosine"] = torch.tensor([report.surgery.cosine, report.surgery.cosine_after])
     del model
-if fsdp:  # refused on every rank with our error, not a hang: uneven batches, a gradient cache
-    model = wrap(tiny_llama(tokenizer, seed=0))
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    refused = []
-    for config, data in ((InitConfig(), current[rank::world][:rank + 1]),
-                         (InitConfig(gradient_cache="unused.safetensors"), current[rank::world])):
+if fsdp:
+    model = sharded_model()
+    cases = {  # name: (what to call, words the error must contain)
+        "uneven_batches": (lambda: init_adapter(model, "lora_ga", current=current[rank::world][:rank + 1]),
+                           "same number of gradient batches"),
+        "gradient_cache": (lambda: init_adapter(model, "lora_ga", InitConfig(gradient_cache="unused.safetensors"),
+                                                current=current[rank::world]), "not supported with FSDP"),
+        "no_current_on_a_rank": (lambda: init_adapter(model, "lora_ga", current=current[:2] if rank == 0 else []),
+                                 "on some ranks"),
+        "no_replay_on_a_rank": (lambda: init_adapter(model, "slice", current=current[rank::world],
+                                                     replay=replay[:1][rank::world]), "received no gradient batches"),
+        "mixed_sharding": (lambda: init_adapter(sharded_model(blocks=slice(0, 1)), "lora_ga",
+                                                current=current[rank::world]), "target weights are FSDP-sharded"),
+    }
+    free_bytes = gradients.free_bytes
+
+    def short_of_memory_on_rank_1():
+        gradients.free_bytes = lambda device: 0 if rank == 1 else free_bytes(device)
         try:
-            init_adapter(model, "lora_ga", config, current=data)
+            init_adapter(model, "lora_ga", current=current[rank::world])
+        finally:
+            gradients.free_bytes = free_bytes
+
+    cases["memory_on_one_rank"] = (short_of_memory_on_rank_1,
+                                   "do not fit on rank(s) [1]" if rank == 0 else "only 0.0 MiB are free")
+    for case, (call, words) in cases.items():
+        try:
+            call()
+            ok = torch.tensor([0])
         except InitError as err:
-            refused.append(str(err))
-    saved["refused"] = torch.tensor([len(refused) == 2 and "same number of gradient batches" in refused[0]
-                                     and "not supported with FSDP" in refused[1]])
+            ok = torch.tensor([int(words in str(err))])
+            if not ok:
+                print(f"rank {rank}, {case}: {err}", file=sys.stderr)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # refused as expected on every rank
+        saved[f"refused/{case}"] = ok.bool()
     grads = accumulate_gradients(model, current[rank::world], offload_to_cpu=True)  # each rank keeps its rows
-    saved["sharded_buffers"] = torch.tensor([all(is_sharded(g) and 2 * local(g).shape[0] == g.shape[0]
+    saved["sharded_buffers"] = torch.tensor([all(is_sharded(g) and 2 * local(g).shape[0] in (g.shape[0], g.shape[0] + 1)
                                                  for g in grads.values())])
 if rank == 0:
     save_file(saved, sys.argv[1])

@@ -323,8 +323,12 @@ def test_two_processes_give_the_same_adapters(tmp_path, single_process_inits, sh
                     "29517" if sharding == "replicated" else "29518", str(DIST_SCRIPT), str(double),
                     *(["fsdp"] if sharding == "fsdp" else [])], check=True, env=ONE_THREAD, timeout=300)
     one, two = single_process_inits, load_file(str(double))
-    if sharding == "fsdp":  # buffers sharded; uneven batches per rank and a gradient cache refused by our errors
-        assert bool(two.pop("sharded_buffers")) and bool(two.pop("refused"))
+    if sharding == "fsdp":  # buffers sharded; every bad split refused by our error on every rank (rank 0's saved)
+        assert bool(two.pop("sharded_buffers"))
+        refused = {name: bool(two.pop(name)) for name in list(two) if name.startswith("refused/")}
+        assert refused == {f"refused/{case}": True for case in (
+            "uneven_batches", "gradient_cache", "no_current_on_a_rank", "no_replay_on_a_rank", "mixed_sharding",
+            "memory_on_one_rank")}
     assert set(one) == set(two) and {name.split("/")[0] for name in one} == {
         "vanilla", "loram", "lora_ga_reference", "slice", "slice_per_layer_offload"}
     for name in one:  # float noise of the reductions, amplified by close singular values of the tiny model

@@ -14,14 +14,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from ..errors import InitError
 from ..models import LLAMA_TARGETS, is_checkpointing, set_checkpointing
-from .sharding import all_reduce_sum, is_distributed, is_sharded, local, offload
+from .sharding import all_reduce_sum, check_sharding, is_distributed, local, per_rank, reshard_all, sharded_zeros
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 PEFT_PREFIX = "base_model.model."
@@ -34,10 +33,7 @@ def canonical_name(name: str) -> str:
 
 def _plain_linear(module: nn.Module) -> bool:
     """nn.Linear itself (not a quantised subclass), also when FSDP2 re-classed it as FSDPLinear to shard it alone."""
-    cls = type(module)
-    if isinstance(module, FSDPModule):
-        cls = cls.__mro__[2]  # FSDP<Orig>, FSDPModule, Orig, ...
-    return cls is nn.Linear
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)) is nn.Linear
 
 
 def target_layers(model: nn.Module, targets: Sequence[str] = LLAMA_TARGETS) -> dict[str, nn.Linear]:
@@ -75,20 +71,30 @@ def free_bytes(device: torch.device) -> int | None:
 
 def check_buffer_memory(model: nn.Module, sets: int, *, targets: Sequence[str] | None = None,
                         offload_to_cpu: bool = False) -> int:
-    """Refuse, before any work, gradient buffers that cannot fit: `sets` float32 copies of every target weight
-    plus one whole layer (its raw gradient, or the layer gathered from its shards), on the CPU when offloaded, else
-    on the model's device. Under FSDP a rank's buffers hold only its shards. Returns the bytes needed."""
+    """Refuse, before any work, gradient buffers that cannot fit: `sets` float32 copies of every target weight plus
+    one whole layer (its raw gradient; under FSDP, whose buffers hold only this rank's rows, two whole layers: the
+    gathered gradient and weight), on the CPU when offloaded, else on the model's device. CPU memory is shared by
+    the node's LOCAL_WORLD_SIZE processes. Every rank refuses if one does. Returns the bytes needed per rank."""
+    reshard_all(model)
     layers = target_layers(model, targets or LLAMA_TARGETS)
-    device = torch.device("cpu") if offload_to_cpu else next(model.parameters()).device
+    sharded = check_sharding([layer.weight for layer in layers.values()])
+    model_device = next(model.parameters()).device
+    device = torch.device("cpu") if offload_to_cpu else model_device
     sizes = [local(layer.weight).numel() for layer in layers.values()]
-    needed = 4 * (sets * sum(sizes) + max(layer.weight.numel() for layer in layers.values()))
+    needed = 4 * (sets * sum(sizes) + (2 if sharded else 1) * max(layer.weight.numel() for layer in layers.values()))
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     free = free_bytes(device)
-    if free is not None and needed > free:
+    fits = [row[0] for row in per_rank([free is None or needed * sharing <= free], model_device)]
+    if not all(fits):
+        if free is None or needed * sharing <= free:
+            raise InitError(f"the gradient buffers do not fit on rank(s) {[r for r, ok in enumerate(fits) if not ok]}; "
+                            "see that rank's error.")
         advice = ("use fewer target modules or a machine with more memory" if device.type == "cpu" else
                   "set init.offload_to_cpu=true (InitConfig(offload_to_cpu=True)) to keep them in CPU memory")
         raise InitError(
-            f"the gradient buffers need {needed / 2**20:.1f} MiB on {device} ({sets} float32 set(s) of "
-            f"{len(sizes)} target weights) but only {free / 2**20:.1f} MiB are free: {advice}."
+            f"the gradient buffers need {needed * sharing / 2**20:.1f} MiB on {device} ({sets} float32 set(s) of "
+            f"{len(sizes)} target weights{f', for {sharing} processes' if sharing > 1 else ''}) but only "
+            f"{free / 2**20:.1f} MiB are free: {advice}."
         )
     return needed
 
@@ -115,9 +121,10 @@ def accumulate_gradients(
     gradient across ranks, and the buffers stay sharded like the weights (the caller gathers one layer at a time).
     Every rank must then get the same number of batches, which is checked before the first one.
     """
+    reshard_all(model)
     layers = target_layers(model, targets or LLAMA_TARGETS)
     device = next(model.parameters()).device
-    sharded = any(is_sharded(layer.weight) for layer in layers.values())
+    sharded = check_sharding([layer.weight for layer in layers.values()])
     if sharded and transform is not None:
         raise InitError("a gradient transform (e.g. a mining sketch) needs whole layers: run it on an unsharded model.")
     batches = list(batches)
@@ -125,17 +132,25 @@ def accumulate_gradients(
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     was_training = model.training
-    sums: dict[str, torch.Tensor] = {}
+    # Sharded: buffers made here, on the default stream (FSDP runs the hooks on its reduce-scatter stream).
+    sums: dict[str, torch.Tensor] = {
+        name: sharded_zeros(layer.weight, "cpu" if offload_to_cpu else local(layer.weight).device)
+        for name, layer in layers.items()} if sharded else {}
     handles = []
 
     def fold_into_buffer(name: str) -> Callable[[torch.Tensor], None]:
         def hook(weight: torch.Tensor) -> None:
+            if sharded:  # FSDP has averaged this batch's gradient over the ranks; add this rank's rows
+                buffer = local(sums[name])
+                buffer.add_(local(weight.grad).to(buffer.device, torch.float32))
+                weight.grad = None
+                return
             grad = weight.grad.float()
             weight.grad = None
             if transform is not None:
                 grad = transform(name, grad)
             if offload_to_cpu:
-                grad = offload(grad)
+                grad = grad.to("cpu")
             if name in sums:
                 sums[name].add_(grad)
             else:
@@ -147,7 +162,7 @@ def accumulate_gradients(
     # branches, which otherwise cost a few extra kernels and saved activations per target layer and batch.
     lora_b = [w for n, w in model.named_parameters() if ".lora_B." in n]
     bypass = (hasattr(model, "disable_adapter") and bool(lora_b) and not bool(
-        _over_shards(torch.stack([local(w).detach().count_nonzero() for w in lora_b]), sharded).any()))
+        _over_shards(torch.stack([local(w).detach().count_nonzero() for w in lora_b]), sharded, device).any()))
     losses: list[torch.Tensor] = []
     stack = contextlib.ExitStack()
     try:
@@ -167,7 +182,7 @@ def accumulate_gradients(
             loss.backward()
             losses.append(loss.detach())  # checked after the loop: no device sync between batches
         nonfinite = (~torch.isfinite(torch.stack(losses))).cpu()
-        if int(all_reduce_sum(nonfinite.sum()) if is_distributed() else nonfinite.sum()):  # every rank stops
+        if int(all_reduce_sum(nonfinite.sum(), device) if is_distributed() else nonfinite.sum()):  # all ranks stop
             if not nonfinite.any():
                 raise InitError("the LM loss of a gradient batch on another rank is not finite; see its error.")
             bad = int(nonfinite.nonzero()[0])
@@ -185,11 +200,11 @@ def accumulate_gradients(
         model.train(was_training)
 
     if is_distributed() and not sharded:  # under FSDP each batch's gradient is already averaged across ranks
-        sums = {name: all_reduce_sum(sums[name]) for name in layers}
+        sums = {name: all_reduce_sum(sums[name], device) for name in layers}
     means = {name: sums[name].div_(count) for name in layers}
     # Per layer: non-finite entries, non-zero entries (summed over shards).
     flags = _over_shards(torch.stack([torch.stack([(~torch.isfinite(local(g))).sum(), local(g).count_nonzero()])
-                                      for g in means.values()]).cpu(), sharded)
+                                      for g in means.values()]).cpu(), sharded, device)
     for name, (nonfinite, nonzero) in zip(means, flags.tolist()):
         if nonfinite:
             raise InitError(f"the gradient of layer {name!r} is not finite; lower the learning signal or use float32.")
@@ -201,22 +216,17 @@ def accumulate_gradients(
     return means
 
 
-def _over_shards(values: torch.Tensor, sharded: bool) -> torch.Tensor:
+def _over_shards(values: torch.Tensor, sharded: bool, device: torch.device) -> torch.Tensor:
     """Per-rank partial sums over local shards -> sums over the whole tensors (no-op when nothing is sharded)."""
-    return all_reduce_sum(values) if sharded else values
+    return all_reduce_sum(values, device) if sharded else values
 
 
 def _batches_summed(count: int, device: torch.device, sharded: bool) -> int:
     """How many batch gradients the final buffers sum: all ranks' (their sums are all-reduced), or under FSDP,
     which averages each batch across ranks, this rank's, which must equal every other rank's."""
-    if not is_distributed():
-        if count == 0:
-            raise InitError("the batch iterable was empty: gradient-based inits need at least one batch.")
-        return count
-    mine = torch.tensor([count], dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
-    per_rank = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(per_rank, mine)
-    counts = [int(c) for c in per_rank]
+    counts = [row[0] for row in per_rank([count], device)]
+    if len(counts) == 1 and count == 0:
+        raise InitError("the batch iterable was empty: gradient-based inits need at least one batch.")
     if min(counts) == 0:
         raise InitError(f"a rank received no gradient batches (batches per rank: {counts}); "
                         "give every process at least one batch.")

@@ -29,7 +29,7 @@ from ..io import write_with
 from ..models import LLAMA_TARGETS
 from .decompose import Selection, absorb, dst_basis, lowrank_svd, select_factors, variance_matched_scale
 from .gradients import accumulate_gradients, canonical_name, check_buffer_memory, target_layers
-from .sharding import assign_, gather, is_sharded
+from .sharding import assign_, gather, is_sharded, per_rank, reshard_all
 from .surgery import SurgeryMode, SurgeryReport, project_conflicting
 
 METHODS = ("vanilla", "lora_ga", "loram", "slice")
@@ -102,6 +102,17 @@ def _fingerprint(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module], 
     return h.hexdigest()
 
 
+def _cache_matches(cache: Path, key: str, device: torch.device) -> bool:
+    """Whether the gradient cache file holds gradients for `key`, on every rank (else all ranks recompute)."""
+    stored = None
+    if cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            stored = (f.metadata() or {}).get("fingerprint")
+    return all(row[0] for row in per_rank([stored == key], device))
+
+
 def _gradients(model, current: list, replay: list, layers, config: InitConfig, use_replay: bool, report: InitReport):
     """G_cur (and G_rep when used), from the cache file when its fingerprint matches, else computed (and cached)."""
     if config.gradient_cache and any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
@@ -109,16 +120,11 @@ def _gradients(model, current: list, replay: list, layers, config: InitConfig, u
                         "set gradient_cache=None (init.gradient_cache: null).")
     key = _fingerprint(model, layers, current + replay) if config.gradient_cache else None
     cache = Path(config.gradient_cache) if config.gradient_cache else None
-    if cache is not None and cache.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cache), "pt") as f:
-            stored = (f.metadata() or {}).get("fingerprint")
-        if stored == key:
-            tensors = load_file(str(cache))
-            report.gradients_from_cache = True
-            pick = lambda part: {n[len(part) + 1:]: t for n, t in tensors.items() if n.startswith(part + "/")}
-            return pick("current"), (pick("replay") if use_replay else None)
+    if cache is not None and _cache_matches(cache, key, next(model.parameters()).device):
+        tensors = load_file(str(cache))
+        report.gradients_from_cache = True
+        pick = lambda part: {n[len(part) + 1:]: t for n, t in tensors.items() if n.startswith(part + "/")}
+        return pick("current"), (pick("replay") if use_replay else None)
     check_buffer_memory(model, 2 if use_replay else 1, targets=config.targets, offload_to_cpu=config.offload_to_cpu)
     kw = dict(targets=config.targets, offload_to_cpu=config.offload_to_cpu,
               gradient_checkpointing=config.gradient_checkpointing)
@@ -174,9 +180,12 @@ def init_adapter(
         raise InitError(f"lora_ga_variant {config.lora_ga_variant!r} must be one of {', '.join(LORA_GA_VARIANTS)}.")
     start = time.perf_counter()
     report = InitReport(method=method)
+    reshard_all(model)
     layers = _lora_layers(model, adapter_name, config.targets)
     current = list(current or [])
     replay = list(replay or [])
+    # Decide from every rank's counts, so that all ranks take the same branch (and meet at the same collectives).
+    counts = per_rank([len(current), len(replay)], next(model.parameters()).device)
     if replay and method != "slice":
         warnings.warn(f"init {method!r} does not use replay batches; the {len(replay)} given are ignored.", stacklevel=2)
     if current and method in ("vanilla", "loram"):
@@ -192,6 +201,8 @@ def init_adapter(
                     torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                     assign_(lora_a, a)
                     assign_(lora_b, torch.zeros(lora_b.shape, dtype=lora_b.dtype))
+                    if layer.lora_bias[adapter_name]:
+                        assign_(layer.lora_B[adapter_name].bias, torch.zeros(lora_b.shape[0], dtype=lora_b.dtype))
                 else:
                     layer.reset_lora_parameters(adapter_name, True)
         report.seconds = time.perf_counter() - start
@@ -204,9 +215,10 @@ def init_adapter(
 
     grads: dict[str, torch.Tensor] = {}
     if method in ("lora_ga", "slice"):
-        if not current:
-            raise InitError(f"init {method!r} needs current-task batches (current=...): none were given.")
-        use_replay = method == "slice" and bool(replay)
+        if min(c[0] for c in counts) == 0:
+            raise InitError(f"init {method!r} needs current-task batches (current=...): none were given"
+                            + (f" on some ranks (batches per rank: {[c[0] for c in counts]})." if len(counts) > 1 else "."))
+        use_replay = method == "slice" and any(c[1] for c in counts)  # a rank without any then fails with the rest
         g_cur, g_rep = _gradients(model, current, replay if use_replay else [], layers, config, use_replay, report)
         report.current_batches, report.replay_batches = len(current), len(replay) if use_replay else 0
         grads = g_cur
