@@ -74,7 +74,8 @@ def check_buffer_memory(model: nn.Module, sets: int, *, targets: Sequence[str] |
     """Refuse, before any work, gradient buffers that cannot fit: `sets` float32 copies of every target weight plus
     one whole layer (its raw gradient; under FSDP, whose buffers hold only this rank's rows, two whole layers: the
     gathered gradient and weight), on the CPU when offloaded, else on the model's device. CPU memory is shared by
-    the node's LOCAL_WORLD_SIZE processes. Every rank refuses if one does. Returns the bytes needed per rank."""
+    the node's LOCAL_WORLD_SIZE processes. Under torch.distributed it is a collective (call it on every rank):
+    every rank refuses if one does. Returns the bytes needed per rank."""
     reshard_all(model)
     layers = target_layers(model, targets or LLAMA_TARGETS)
     sharded = check_sharding([layer.weight for layer in layers.values()])

@@ -171,7 +171,8 @@ def init_adapter(
     """Set the LoRA adapter `adapter_name` of a PEFT model by `method` (SPEC 3) and return what was done.
 
     `current`: batches of the task about to be learned (gradient methods). `replay`: batches of past tasks (SLICE
-    only; empty or None at the first stage, where SLICE equals LoRA-GA paper).
+    only; empty or None at the first stage, where SLICE equals LoRA-GA paper). Under torch.distributed every rank
+    calls it with its own share of the batches.
     """
     config = config or InitConfig()
     if method not in METHODS:
