@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU smoke test of the stage loop: every init (vanilla, lora_ga, loram, slice) on a short sequence, with a
-# SmolLM2-135M-shaped RANDOM model, through `slicelora run`; prints per-stage init and train seconds. Sized to finish
-# within 5 minutes on one GPU (a few minutes of a lent machine), nothing downloaded.
+# GPU smoke test of the stage loop: every init (slice, lora_ga, loram, vanilla) on a short sequence, with a
+# SmolLM2-135M-shaped RANDOM model, through `slicelora run`; prints per-stage init and train seconds. Then the
+# init library on an FSDP2-sharded model on the GPU(s) against the unsharded model (tests/dist_init.py, nccl).
+# Sized to finish within 5 minutes on one GPU (a few minutes of a lent machine), nothing downloaded.
 #
 #   benchmarks/gpu_smoke.sh                       # on the GPU machine, from the repository root
 #   benchmarks/gpu_smoke.sh --wheels shared/wheels # first install the wheels of any missing package from that folder
@@ -11,7 +12,9 @@
 #   --wheels DIR   a folder of .whl files, installed (pip --no-index --no-deps) only if an import is missing
 #   --cpu          run on the CPU (hides the GPUs); without it a missing CUDA device is an error
 #   --tiny         a tiny model (2 layers, hidden 64) and 2 stages instead of the SmolLM2 shape and 3 stages
-#   --methods LIST comma-separated, default vanilla,lora_ga,loram,slice
+#   --methods LIST comma-separated, default slice,lora_ga,loram,vanilla (SLICE first: its stages 2-3 are the
+#                  path with replay and surgery)
+#   --no-fsdp      skip the FSDP init check
 #   --out DIR      output folder (default: $OUT/gpu_smoke if $OUT is set, else runs/gpu_smoke)
 #   --keep-adapters  keep the saved adapters and initial factors (by default they are removed after the summary,
 #                  so that the output folder stays small)
@@ -32,7 +35,8 @@ WHEELS=""
 CPU=0
 TINY=0
 KEEP=0
-METHODS="vanilla,lora_ga,loram,slice"
+FSDP=1
+METHODS="slice,lora_ga,loram,vanilla"
 if [[ -n "${OUT:-}" ]]; then OUT_DIR="$OUT/gpu_smoke"; else OUT_DIR="$ROOT/runs/gpu_smoke"; fi
 
 while [[ $# -gt 0 ]]; do
@@ -41,9 +45,10 @@ while [[ $# -gt 0 ]]; do
     --cpu) CPU=1; shift ;;
     --tiny) TINY=1; shift ;;
     --keep-adapters) KEEP=1; shift ;;
+    --no-fsdp) FSDP=0; shift ;;
     --methods) METHODS="${2:?--methods needs a list}"; shift 2 ;;
     --out) OUT_DIR="${2:?--out needs a folder}"; shift 2 ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_smoke: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -79,6 +84,7 @@ for name in sys.argv[1:]:
 print(" ".join(sorted(gone)))
 EOF
 }
+if [[ $FSDP -eq 1 ]]; then MODULES="$MODULES pytest"; fi  # tests/dist_init.py imports the tests' conftest
 MISSING="$(missing $MODULES)"
 if [[ -n "$MISSING" ]]; then
   if [[ -z "$WHEELS" ]]; then
@@ -208,6 +214,47 @@ lines += [f"| {m} | {w['wall_s']} | {w['status']} |" for m, w in walls.items()]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
+
+# --- 6. the init library on an FSDP2-sharded model (every GPU, nccl) against the unsharded model ------------------------
+if [[ $FSDP -eq 1 ]]; then
+  NPROC=1
+  DEVICE=cpu
+  if [[ $CPU -eq 0 ]]; then
+    DEVICE=cuda
+    NPROC="$("$PY" -c 'import torch; print(min(torch.cuda.device_count(), 2))')"
+  fi
+  log "FSDP init check: $NPROC process(es) on $DEVICE"
+  mkdir -p "$OUT_DIR/fsdp"
+  if SLICELORA_TEST_DEVICE=$DEVICE timeout 120 "$PY" "$ROOT/tests/dist_init.py" "$OUT_DIR/fsdp/one.safetensors" \
+        > "$OUT_DIR/logs/fsdp.log" 2>&1 \
+      && SLICELORA_TEST_DEVICE=$DEVICE timeout 180 "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" \
+        "$ROOT/tests/dist_init.py" "$OUT_DIR/fsdp/sharded.safetensors" fsdp >> "$OUT_DIR/logs/fsdp.log" 2>&1 \
+      && "$PY" - "$OUT_DIR/fsdp" <<'EOF' | tee -a "$OUT_DIR/summary.md"
+import sys
+from pathlib import Path
+from safetensors.torch import load_file
+
+folder = Path(sys.argv[1])
+one, sharded = load_file(str(folder / "one.safetensors")), load_file(str(folder / "sharded.safetensors"))
+flags = {k: bool(sharded.pop(k)) for k in list(sharded) if k.startswith("refused/") or k == "sharded_buffers"}
+worst = {}
+for name, tensor in one.items():
+    run = name.split("/")[0]
+    worst[run] = max(worst.get(run, 0.0), float((sharded[name].float() - tensor.float()).abs().max()))
+print("\nFSDP init check: max |sharded - unsharded| per init (adapters, absorbed weights, SLICE cosines)")
+print("\n".join(f"- {run}: {diff:.2e}" for run, diff in worst.items()))
+if flags:
+    print("- checks on 2 ranks: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
+sys.exit(0 if max(worst.values()) < 1e-3 and all(flags.values()) else 1)
+EOF
+  then
+    log "FSDP init check: done"
+  else
+    log "FSDP init check: FAILED; last lines of $OUT_DIR/logs/fsdp.log:"
+    tail -n 15 "$OUT_DIR/logs/fsdp.log" | sed 's/^/    /' || true
+    FAILED+=("fsdp")
+  fi
+fi
 
 if [[ $KEEP -eq 0 ]]; then
   find "$OUT_DIR/runs" -type d -name adapter -prune -exec rm -rf {} + 2>/dev/null || true

@@ -1,7 +1,8 @@
 """Run by test_init under 1 or 2 processes: every init on a tiny model, batches split by rank; rank 0 saves the
 adapters, base weights and SLICE's cosines. `fsdp` as second argument shards the model with FSDP2 first; some
 runs then keep FSDP's unsharded copies after a forward (reshard_after_forward=False), which the init must see past.
-Under FSDP, bad splits are also tried: each must be refused with our error on every rank, never a hang."""
+Under FSDP with two ranks, bad splits are also tried: each must be refused with our error on every rank, never a
+hang. SLICELORA_TEST_DEVICE=cuda runs it on GPUs (nccl, one GPU per rank; benchmarks/gpu_smoke.sh does)."""
 
 import os
 import sys
@@ -9,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -32,9 +34,14 @@ RUNS = {  # name: (method, config); gate=1 makes SLICE project whatever the cosi
 
 distributed = "WORLD_SIZE" in os.environ
 fsdp = sys.argv[2:] == ["fsdp"]
+device = torch.device(os.environ.get("SLICELORA_TEST_DEVICE", "cpu"))
+if device.type == "cuda":
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
 if distributed:
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+mesh = init_device_mesh(device.type, (world,)) if fsdp else None
 tokenizer = tiny_tokenizer()
 current = make_batches(toy_examples("sentiment"), tokenizer, batch_size=4, max_length=64, seed=1, num_batches=4)
 replay = make_batches(toy_examples("reverse"), tokenizer, batch_size=4, max_length=64, seed=2, num_batches=4)
@@ -44,15 +51,15 @@ ODD = dict(hidden_size=50, intermediate_size=51, num_attention_heads=5, num_key_
 
 
 def plain_model():
-    return wrap(tiny_llama(tokenizer, seed=0, **ODD), r=3)
+    return wrap(tiny_llama(tokenizer, seed=0, **ODD).to(device), r=3)
 
 
 def sharded_model(blocks: slice = slice(None), reshard_after_forward: bool = True):
     model = plain_model()
     for layer in model.base_model.model.model.layers[blocks]:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     if blocks == slice(None):
-        fully_shard(model, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 
@@ -62,18 +69,18 @@ for run, (method, config) in RUNS.items():
     else:
         model = plain_model()
     with torch.no_grad():  # under FSDP with reshard_after_forward=False this leaves unsharded copies behind
-        model(input_ids=current[0]["input_ids"][:1])
+        model(input_ids=current[0]["input_ids"][:1].to(device))
     data = {"current": current[rank::world]} if method in ("lora_ga", "slice") else {}
     if method == "slice":
         data["replay"] = replay[rank::world]
     report = init_adapter(model, method, config, **data)
     for name, param in model.named_parameters():  # gathered on every rank: a collective
         if "lora_" in name or "base_layer" in name:
-            saved[f"{run}/{name}"] = gather(param.detach()).contiguous()
+            saved[f"{run}/{name}"] = gather(param.detach()).cpu().contiguous()
     if report.surgery is not None:
         saved[f"{run}/cosine"] = torch.tensor([report.surgery.cosine, report.surgery.cosine_after])
     del model
-if fsdp:
+if fsdp and world == 2:
     model = sharded_model()
     cases = {  # name: (what to call, words the error must contain)
         "uneven_batches": (lambda: init_adapter(model, "lora_ga", current=current[rank::world][:rank + 1]),
@@ -106,8 +113,9 @@ if fsdp:
             ok = torch.tensor([int(words in str(err))])
             if not ok:
                 print(f"rank {rank}, {case}: {err}", file=sys.stderr)
+        ok = ok.to(device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # refused as expected on every rank
-        saved[f"refused/{case}"] = ok.bool()
+        saved[f"refused/{case}"] = ok.bool().cpu()
     grads = accumulate_gradients(model, current[rank::world], offload_to_cpu=True)  # each rank keeps its rows
     saved["sharded_buffers"] = torch.tensor([all(is_sharded(g) and 2 * local(g).shape[0] in (g.shape[0], g.shape[0] + 1)
                                                  for g in grads.values())])
