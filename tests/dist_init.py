@@ -80,6 +80,13 @@ for run, (method, config) in RUNS.items():
     if report.surgery is not None:
         saved[f"{run}/cosine"] = torch.tensor([report.surgery.cosine, report.surgery.cosine_after])
     del model
+if distributed and not fsdp:  # a gradient cache written by 2 ranks is found again by both
+    path = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "gradients.safetensors")
+    for _ in range(2):
+        report = init_adapter(plain_model(), "lora_ga", InitConfig(gradient_cache=path), current=current[rank::world])
+    hit = torch.tensor([int(report.gradients_from_cache)], device=device)
+    dist.all_reduce(hit, op=dist.ReduceOp.MIN)
+    saved["cache_hit_on_every_rank"] = hit.bool().cpu()
 if fsdp and world == 2:
     model = sharded_model()
     cases = {  # name: (what to call, words the error must contain)

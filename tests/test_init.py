@@ -323,6 +323,8 @@ def test_two_processes_give_the_same_adapters(tmp_path, single_process_inits, sh
                     "29517" if sharding == "replicated" else "29518", str(DIST_SCRIPT), str(double),
                     *(["fsdp"] if sharding == "fsdp" else [])], check=True, env=ONE_THREAD, timeout=300)
     one, two = single_process_inits, load_file(str(double))
+    if sharding == "replicated":  # the gradient cache written by both ranks was found again by both
+        assert bool(two.pop("cache_hit_on_every_rank"))
     if sharding == "fsdp":  # buffers sharded; every bad split refused by our error on every rank (rank 0's saved)
         assert bool(two.pop("sharded_buffers"))
         refused = {name: bool(two.pop(name)) for name in list(two) if name.startswith("refused/")}

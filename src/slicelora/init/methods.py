@@ -29,7 +29,7 @@ from ..io import write_with
 from ..models import LLAMA_TARGETS
 from .decompose import Selection, absorb, dst_basis, lowrank_svd, select_factors, variance_matched_scale
 from .gradients import accumulate_gradients, canonical_name, check_buffer_memory, target_layers
-from .sharding import assign_, gather, is_sharded, per_rank, reshard_all
+from .sharding import assign_, gather, is_sharded, joint_key, per_rank, reshard_all
 from .surgery import SurgeryMode, SurgeryReport, project_conflicting
 
 METHODS = ("vanilla", "lora_ga", "loram", "slice")
@@ -118,7 +118,8 @@ def _gradients(model, current: list, replay: list, layers, config: InitConfig, u
     if config.gradient_cache and any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
         raise InitError("gradient_cache needs whole gradients: it is not supported with FSDP-sharded weights; "
                         "set gradient_cache=None (init.gradient_cache: null).")
-    key = _fingerprint(model, layers, current + replay) if config.gradient_cache else None
+    # The gradients are means over every rank's batches, so the key covers all of them (the same on every rank).
+    key = joint_key(_fingerprint(model, layers, current + replay)) if config.gradient_cache else None
     cache = Path(config.gradient_cache) if config.gradient_cache else None
     if cache is not None and _cache_matches(cache, key, next(model.parameters()).device):
         tensors = load_file(str(cache))

@@ -8,6 +8,7 @@ Every decision that leads to a collective is taken from values all ranks share, 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -98,6 +99,15 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device | None = None) -> 
         return on_device.to("cpu")
     dist.all_reduce(tensor)
     return tensor
+
+
+def joint_key(key: str) -> str:
+    """A hash of every rank's `key` (e.g. a fingerprint of its share of the batches); `key` in a single process."""
+    if not is_distributed():
+        return key
+    keys: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def per_rank(values: Sequence[int], device: torch.device | None = None) -> list[list[int]]:
