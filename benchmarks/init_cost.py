@@ -32,6 +32,24 @@ device peak <= floor peak + the largest layer's float32 gradient (i.e. the devic
 that one backward needs anyway, and one layer's gradient).
 
 `--json PATH` writes every figure and ratio as flat keys.
+
+`--autocast` measures instead what InitConfig(autocast=True) changes, in this process, on real data: the embedded
+SmolLM2-135M-Instruct in float32 (or --model), --batches batches of --batch-size task examples of --seq-len tokens
+at most, for the current task (--current-task, default 1687) and the replay task (--replay-task, default 363), with
+each --loss-on:
+
+    OMP_NUM_THREADS=1 python benchmarks/init_cost.py --autocast --batches 3 --batch-size 8 --json runs/bench/ac.json
+
+  * time per batch of the gradient passes, float32 and under bf16 autocast (median over the passes, both modes
+    alternating, after one warm-up batch each), and the speed-up;
+  * per-layer cosine of the autocast gradients to the float32 ones (min and median over the target layers);
+  * SLICE's gate input: the global cosine between current and replay gradients, both ways, and whether the
+    projection fires at tau = 0 in both;
+  * the factors' subspaces at each of --ranks: for LoRA-GA paper (from the current gradients) and SLICE (from the
+    projected ones, --gate), the overlap of A's row spaces and of B's column spaces between float32 and autocast
+    (the mean of the squared cosines of the principal angles, 1 = the same subspace), per layer min / median /
+    mean; as yardsticks, the same overlap between two SVD seeds on the float32 gradients, and (LoRA-GA) between
+    float32 gradients of all current batches and of all but the last one (the per-layer gradient cosine too).
 """
 
 from __future__ import annotations
@@ -338,6 +356,150 @@ def worker(args) -> dict:
     return out
 
 
+# --- bf16 autocast against float32 gradient passes -----------------------------------------------------------------
+
+def subspace_overlap(x, y) -> float:
+    """Mean squared cosine of the principal angles between the column spaces of two orthonormal-column matrices."""
+    return float((x.double().T @ y.double()).square().sum()) / x.shape[1]
+
+
+def record_overlaps(out: dict, prefix: str, exact: dict, others: dict[str, tuple[dict, int]], ranks: list[int]):
+    """out[{prefix}_r{r}_{A,B}_overlap{label}_*]: per layer, the overlap of LoRA-GA paper's A row spaces and B column
+    spaces between the factors of the `exact` gradients (SVD seed 42) and those of each `others[label]` = (gradients,
+    SVD seed); min / median / mean over the layers, and the layer of the minimum for label ""."""
+    from slicelora.init import lowrank_svd, select_factors
+
+    def factors(grad, r: int, seed: int):
+        return select_factors(*lowrank_svd(grad, r, seed)[::2], r, "lora_ga")
+
+    for r in ranks:
+        overlaps: dict[str, list[float]] = {f"{factor}{label}": [] for label in others for factor in "AB"}
+        for name, g in exact.items():
+            a, b = factors(g, r, 42)
+            for label, (grads, seed) in others.items():
+                a_other, b_other = factors(grads[name], r, seed)
+                overlaps[f"A{label}"].append(subspace_overlap(a.T, a_other.T))
+                overlaps[f"B{label}"].append(subspace_overlap(b, b_other))
+        names = list(exact)
+        for key, values in overlaps.items():
+            factor, label = key[0], key[1:]
+            for stat, value in stats(values, 4).items():
+                out[f"{prefix}_r{r}_{factor}_overlap{label}_{stat}"] = value
+            if not label:
+                out[f"{prefix}_r{r}_{factor}_overlap_min_layer"] = names[values.index(min(values))]
+
+
+def stats(values: list[float], digits: int = 6) -> dict[str, float]:
+    import statistics
+
+    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
+            "mean": round(statistics.fmean(values), digits)}
+
+
+def autocast_section(args) -> dict:
+    """The figures of --autocast, as flat keys."""
+    import statistics
+
+    import torch
+
+    from slicelora.data.prompts import make_batches as task_batches
+    from slicelora.data.tasks import load_task
+    from slicelora.init import accumulate_gradients, project_conflicting
+    from slicelora.init.gradients import bf16_supported
+    from slicelora.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, tokenizer = load_model(args.model, torch.float32, device)
+    model.eval()
+    tasks = {"current": load_task(args.current_task), "replay": load_task(args.replay_task)}
+    out: dict[str, object] = {
+        "section": "autocast", "device": args.device, "bf16_supported": bf16_supported(device),
+        "model": args.model or "smollm2-135m-instruct", "current_task": tasks["current"].name,
+        "replay_task": tasks["replay"].name, "batches_per_set": args.batches, "batch_size": args.batch_size,
+        "max_length": args.seq_len, "threads": args.threads, "ranks": ",".join(map(str, args.ranks)),
+        "gate": args.gate}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    warm = task_batches(tasks["current"].train, tokenizer, args.batch_size, args.seq_len, seed=0, num_batches=1)
+    for autocast in (False, True):
+        accumulate_gradients(model, warm, autocast=autocast)
+    for loss_on in args.loss_on:
+        sets = {role: task_batches(task.train, tokenizer, args.batch_size, args.seq_len, loss_on, seed=i + 1,
+                                   num_batches=args.batches) for i, (role, task) in enumerate(tasks.items())}
+        grads: dict[tuple[str, bool], dict] = {}
+        for role, batches in sets.items():
+            for autocast in (False, True):
+                sync()
+                t0 = time.perf_counter()
+                grads[role, autocast] = accumulate_gradients(model, batches, autocast=autocast)
+                sync()
+                seconds[autocast].append((time.perf_counter() - t0) / len(batches))
+            cosines = {name: float(torch.nn.functional.cosine_similarity(
+                g.flatten(), grads[role, True][name].flatten(), dim=0)) for name, g in grads[role, False].items()}
+            for key, value in stats(list(cosines.values())).items():
+                out[f"{loss_on}_{role}_grad_cos_{key}"] = value
+            out[f"{loss_on}_{role}_grad_cos_min_layer"] = min(cosines, key=cosines.get)
+        # A yardstick for the autocast figures: the float32 gradients of all but the last current batch.
+        fewer = accumulate_gradients(model, sets["current"][:-1])
+        for key, value in stats([float(torch.nn.functional.cosine_similarity(g.flatten(), fewer[name].flatten(), dim=0))
+                                 for name, g in grads["current", False].items()]).items():
+            out[f"{loss_on}_current_grad_cos_drop_one_batch_{key}"] = value
+        record_overlaps(out, f"{loss_on}_lora_ga", grads["current", False], {
+            "": (grads["current", True], 42), "_seed_floor": (grads["current", False], 43),
+            "_drop_one_batch": (fewer, 42)}, args.ranks)
+        del fewer
+        for autocast in (False, True):  # SLICE: projected in place (the replay gradients are no longer needed)
+            _, report = project_conflicting(grads["current", autocast], grads.pop(("replay", autocast)),
+                                            gate=args.gate, inplace=True)
+            mode = "bf16" if autocast else "float32"
+            out[f"{loss_on}_gate_cos_{mode}"] = round(report.cosine, 6)
+            out[f"{loss_on}_gate_fires_at_0_{mode}"] = report.cosine < 0
+        out[f"{loss_on}_gate_cos_abs_diff"] = round(abs(out[f"{loss_on}_gate_cos_float32"]
+                                                        - out[f"{loss_on}_gate_cos_bf16"]), 6)
+        out[f"{loss_on}_gate_decision_agrees"] = (out[f"{loss_on}_gate_fires_at_0_float32"]
+                                                  == out[f"{loss_on}_gate_fires_at_0_bf16"])
+        record_overlaps(out, f"{loss_on}_slice", grads["current", False], {
+            "": (grads["current", True], 42), "_seed_floor": (grads["current", False], 43)}, args.ranks)
+        del grads
+    out["s_per_batch_float32"] = round(statistics.median(seconds[False]), 3)
+    out["s_per_batch_bf16"] = round(statistics.median(seconds[True]), 3)
+    out["ratio_speedup_bf16_over_float32"] = round(out["s_per_batch_float32"] / out["s_per_batch_bf16"], 2)
+    return out
+
+
+def print_autocast(out: dict, args) -> None:
+    print(f"\n{out['model']} float32 on {out['device']} (native bf16: {out['bf16_supported']}); current "
+          f"{out['current_task']}, replay {out['replay_task']}; {out['batches_per_set']} batches x "
+          f"{out['batch_size']} examples, max_length {out['max_length']}; threads {out['threads'] or 'default'}")
+    print(f"gradient pass time per batch: float32 {out['s_per_batch_float32']} s, bf16 autocast "
+          f"{out['s_per_batch_bf16']} s: speed-up {out['ratio_speedup_bf16_over_float32']}x")
+    for loss_on in args.loss_on:
+        print(f"\nloss_on={loss_on}")
+        for role in ("current", "replay"):
+            k = f"{loss_on}_{role}_grad_cos"
+            print(f"  {role:<8} per-layer cosine bf16 vs float32: min {out[k + '_min']} ({out[k + '_min_layer']}), "
+                  f"median {out[k + '_median']}")
+        print(f"  SLICE gate cosine(current, replay): float32 {out[f'{loss_on}_gate_cos_float32']}, bf16 "
+              f"{out[f'{loss_on}_gate_cos_bf16']} (|diff| {out[f'{loss_on}_gate_cos_abs_diff']}); fires at tau=0: "
+              f"{out[f'{loss_on}_gate_fires_at_0_float32']} / {out[f'{loss_on}_gate_fires_at_0_bf16']}")
+        k = f"{loss_on}_current_grad_cos_drop_one_batch"
+        print(f"  yardstick: current per-layer cosine float32, all batches vs all but the last: min {out[k + '_min']}, "
+              f"median {out[k + '_median']}")
+        print("  factor subspace overlap with float32 (min / median / mean over layers) of: bf16 autocast | float32, "
+              "SVD seed 43 | float32, one batch fewer")
+        for r in args.ranks:
+            for method in ("lora_ga", "slice"):
+                for factor in ("A", "B"):
+                    k = f"{loss_on}_{method}_r{r}_{factor}_overlap"
+                    print(f"    r={r:<3} {method:<8} {factor}: "
+                          + " | ".join(" / ".join(str(out[f"{k}{label}_{s}"]) for s in ("min", "median", "mean"))
+                                       for label in ("", "_seed_floor", "_drop_one_batch")
+                                       if f"{k}{label}_min" in out)
+                          + f"   (bf16 min at {out[f'{k}_min_layer']})")
+
+
 # --- the driver ----------------------------------------------------------------------------------------------------
 
 def spawn(args, variant: str, mode: str) -> dict:
@@ -466,6 +628,13 @@ def main(argv=None) -> int:
                         "machine ran up to 25x slower; torch's own choice on cuda; 0: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the fastest is kept")
     p.add_argument("--json", type=Path, help="write the figures and ratios here as flat keys")
+    p.add_argument("--autocast", action="store_true",
+                   help="measure bf16 autocast against float32 gradient passes on real task batches (see above)")
+    p.add_argument("--current-task", default="1687", help="--autocast: the current task")
+    p.add_argument("--replay-task", default="363", help="--autocast: the replay task")
+    p.add_argument("--loss-on", nargs="+", default=["full", "answer"], choices=("full", "answer"),
+                   help="--autocast: which tokens the loss covers, each in turn")
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 64], help="--autocast: ranks of the factors compared")
     p.add_argument("--_worker", dest="variant_name", help=argparse.SUPPRESS)
     p.add_argument("--_mode", dest="mode", default="time", help=argparse.SUPPRESS)
     p.add_argument("--_out", dest="out", help=argparse.SUPPRESS)
@@ -475,6 +644,15 @@ def main(argv=None) -> int:
         args.threads = 1 if args.device == "cpu" else 0
     if args.variant_name:
         Path(args.out).write_text(json.dumps(worker(args)))
+        return 0
+    if args.autocast:
+        t_start = time.perf_counter()
+        out = autocast_section(args)
+        out["wall_seconds_all"] = round(time.perf_counter() - t_start, 1)
+        print_autocast(out, args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=1) + "\n")
         return 0
 
     if args.device == "cuda":

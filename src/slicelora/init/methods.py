@@ -16,30 +16,46 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import InitError
 from ..io import write_with
 from ..models import LLAMA_TARGETS
 from .decompose import Selection, absorb, dst_basis, lowrank_svd, select_factors, variance_matched_scale
-from .gradients import accumulate_gradients, canonical_name, check_buffer_memory, target_layers
+from .gradients import (
+    MODEL_INPUTS, accumulate_gradients, bf16_supported, canonical_name, check_buffer_memory, target_layers,
+)
 from .sharding import assign_, gather, is_sharded, joint_key, per_rank, reshard_all
 from .surgery import SurgeryMode, SurgeryReport, project_conflicting
 
 METHODS = ("vanilla", "lora_ga", "loram", "slice")
 LORA_GA_VARIANTS = ("paper", "reference", "peft")
 Batches = Iterable[Mapping[str, torch.Tensor]]
+SET_NAMES = {"current": "current task", "replay": "replay"}
 
 
 @dataclass
 class InitConfig:
-    """How to initialise; rank and scaling come from the PEFT adapter itself."""
+    """How to initialise; rank and scaling come from the PEFT adapter itself.
+
+    `autocast`: run the gradient passes under bfloat16 autocast, as training does, where the device does bf16
+    natively (`bf16_supported`; elsewhere they stay float32). The buffers stay float32; the gradients are those of
+    the bf16 forward. Off by default: exact float32 gradients.
+
+    Gradients are cached only when asked, never under FSDP, keyed by a fingerprint of the model's config and target
+    weights, the batches and whether autocast ran (so float32 and autocast gradients never stand in for each
+    other). `gradient_cache`: one safetensors file holding this init's gradient sets together, reused when every set
+    matches, else overwritten. `gradient_cache_dir`: a folder (made when first written) holding one file
+    `<fingerprint>.safetensors` per gradient set, so inits on the same model and batches share a set, e.g. LoRA-GA and
+    SLICE at one stage share the current-task gradients. Set one of the two at most.
+    """
 
     lora_ga_variant: Literal["paper", "reference", "peft"] = "paper"
     selection: Selection = "lora_ga"  # which singular vectors SLICE / LoRA-GA paper use
@@ -51,7 +67,9 @@ class InitConfig:
     niter: int = 4
     offload_to_cpu: bool = False  # keep gradient buffers in CPU memory
     gradient_checkpointing: bool = False  # recompute activations in the gradient passes (large models)
+    autocast: bool = False  # gradient passes under bf16 autocast where the device supports it
     gradient_cache: str | None = None  # a safetensors file: reuse the gradients when model and batches match
+    gradient_cache_dir: str | None = None  # a folder of <fingerprint>.safetensors, one per gradient set
     targets: tuple[str, ...] = LLAMA_TARGETS
 
 
@@ -61,7 +79,9 @@ class InitReport:
     seconds: float = 0.0
     current_batches: int = 0
     replay_batches: int = 0
-    gradients_from_cache: bool = False
+    autocast: bool = False  # whether the gradient passes ran under bf16 autocast
+    gradients_from_cache: bool = False  # every gradient set the init needed came from the cache
+    gradient_sets_from_cache: list[str] = field(default_factory=list)  # those that did: "current", "replay"
     surgery: SurgeryReport | None = None
     betas: dict[str, float] = field(default_factory=dict)
 
@@ -87,55 +107,97 @@ def _lora_layers(model: torch.nn.Module, adapter: str, targets: tuple[str, ...])
     return layers
 
 
-def _fingerprint(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module], batches: list) -> str:
-    """A hash of the model's config, its target weights and the batches: what the gradients depend on."""
-    h = hashlib.sha256(json.dumps(getattr(model, "config", {}).to_dict() if hasattr(model, "config") else {},
-                                  sort_keys=True, default=str).encode())
-    for name, layer in layers.items():
-        w = layer.get_base_layer().weight.detach()
-        h.update(name.encode())
-        h.update(torch.stack([w.double().sum(), w.double().abs().sum(), w.double().pow(2).sum()]).numpy().tobytes())
-    for batch in batches:
-        for key in ("input_ids", "attention_mask", "labels"):
-            if key in batch:
-                h.update(batch[key].cpu().numpy().tobytes())
-    return h.hexdigest()
+def _fingerprints(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module], batch_sets: Sequence[list],
+                  autocast: bool) -> list[str]:
+    """One hash per batch list, of what its mean gradient depends on: the model's config, the exact bytes of every
+    parameter but the LoRA factors, the batches (their shapes too, as the mean is over batches) and whether the
+    passes ran under autocast. The target layers are named so that a different target set gives another key."""
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    model_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    model_hash.update(" ".join(layers).encode())
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            model_hash.update(name.encode())
+            model_hash.update(param.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    model_hash.update(b"bf16 autocast" if autocast else b"float32")
+    keys = []
+    for batches in batch_sets:
+        h = model_hash.copy()
+        for batch in batches:
+            for key in MODEL_INPUTS:
+                if key in batch:
+                    h.update(f"{key} {tuple(batch[key].shape)} {batch[key].dtype}".encode())
+                    h.update(batch[key].cpu().numpy().tobytes())
+        keys.append(h.hexdigest())
+    return keys
+
+
+def _cache_entries(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module], sets: Mapping[str, list],
+                   config: InitConfig, autocast: bool) -> dict[str, tuple[Path, str, str]]:
+    """Where each gradient set is cached: set name -> (file, key, prefix of its tensor names); {} without a cache.
+    A key covers every rank's batches (the gradients are means over all of them): it is the same on every rank."""
+    if not (config.gradient_cache or config.gradient_cache_dir):
+        return {}
+    if any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
+        raise InitError("a gradient cache needs whole gradients: it is not supported with FSDP-sharded weights; set "
+                        "gradient_cache=None and gradient_cache_dir=None (init.gradient_cache: null).")
+    fingerprints = _fingerprints(model, layers, list(sets.values()), autocast)
+    if config.gradient_cache_dir:
+        keys = [joint_key(fingerprint) for fingerprint in fingerprints]
+        folder = Path(config.gradient_cache_dir)
+        return {name: (folder / f"{key}.safetensors", key, "") for name, key in zip(sets, keys)}
+    key = joint_key(hashlib.sha256("\n".join(fingerprints).encode()).hexdigest())
+    return {name: (Path(config.gradient_cache), key, f"{name}/") for name in sets}
 
 
 def _cache_matches(cache: Path, key: str, device: torch.device) -> bool:
     """Whether the gradient cache file holds gradients for `key`, on every rank (else all ranks recompute)."""
     stored = None
     if cache.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(cache), "pt") as f:
             stored = (f.metadata() or {}).get("fingerprint")
     return all(row[0] for row in per_rank([stored == key], device))
 
 
+def _load(cache: Path, prefix: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of `cache` whose names start with `prefix` (stripped), on `device`."""
+    with safe_open(str(cache), "pt") as f:
+        return {name[len(prefix):]: f.get_tensor(name).to(device) for name in f.keys() if name.startswith(prefix)}
+
+
+def _save(cache: Path, key: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    write_with(cache, lambda p: save_file({n: t.contiguous() for n, t in tensors.items()}, str(p),
+                                          metadata={"fingerprint": key}))
+
+
 def _gradients(model, current: list, replay: list, layers, config: InitConfig, use_replay: bool, report: InitReport):
-    """G_cur (and G_rep when used), from the cache file when its fingerprint matches, else computed (and cached)."""
-    if config.gradient_cache and any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
-        raise InitError("gradient_cache needs whole gradients: it is not supported with FSDP-sharded weights; "
-                        "set gradient_cache=None (init.gradient_cache: null).")
-    # The gradients are means over every rank's batches, so the key covers all of them (the same on every rank).
-    key = joint_key(_fingerprint(model, layers, current + replay)) if config.gradient_cache else None
-    cache = Path(config.gradient_cache) if config.gradient_cache else None
-    if cache is not None and _cache_matches(cache, key, next(model.parameters()).device):
-        tensors = load_file(str(cache))
-        report.gradients_from_cache = True
-        pick = lambda part: {n[len(part) + 1:]: t for n, t in tensors.items() if n.startswith(part + "/")}
-        return pick("current"), (pick("replay") if use_replay else None)
-    check_buffer_memory(model, 2 if use_replay else 1, targets=config.targets, offload_to_cpu=config.offload_to_cpu)
-    kw = dict(targets=config.targets, offload_to_cpu=config.offload_to_cpu,
-              gradient_checkpointing=config.gradient_checkpointing)
-    g_cur = accumulate_gradients(model, current, desc="gradients (current task)", **kw)
-    g_rep = accumulate_gradients(model, replay, desc="gradients (replay)", **kw) if use_replay else None
-    if cache is not None:
-        tensors = {f"current/{n}": t.contiguous() for n, t in g_cur.items()}
-        tensors.update({f"replay/{n}": t.contiguous() for n, t in (g_rep or {}).items()})
-        write_with(cache, lambda p: save_file(tensors, str(p), metadata={"fingerprint": key}))
-    return g_cur, g_rep
+    """G_cur (and G_rep when used), each loaded from the cache where it holds that set, else computed (and cached).
+    Every rank takes the same decisions, so all of them meet at the same collectives."""
+    sets = {"current": current, **({"replay": replay} if use_replay else {})}
+    device = next(model.parameters()).device
+    report.autocast = config.autocast and bf16_supported(device)
+    entries = _cache_entries(model, layers, sets, config, report.autocast)
+    cached = [name for name, (cache, key, _) in entries.items() if _cache_matches(cache, key, device)]
+    missing = [name for name in sets if name not in cached]
+    if missing:
+        check_buffer_memory(model, len(sets), targets=config.targets, offload_to_cpu=config.offload_to_cpu)
+    buffer_device = torch.device("cpu") if config.offload_to_cpu else device  # where computed buffers live
+    # in the model's layer order, as computed ones are: the surgery's sums then run in the same order, bit for bit
+    grads = {name: _load(entries[name][0], entries[name][2], buffer_device) for name in cached}
+    grads = {name: {layer: g[layer] for layer in layers} for name, g in grads.items()}
+    for name in missing:
+        grads[name] = accumulate_gradients(
+            model, sets[name], targets=config.targets, offload_to_cpu=config.offload_to_cpu,
+            gradient_checkpointing=config.gradient_checkpointing, autocast=report.autocast,
+            desc=f"gradients ({SET_NAMES[name]})")
+        if config.gradient_cache_dir:
+            _save(entries[name][0], entries[name][1], grads[name])
+    if config.gradient_cache and missing:
+        cache, key, _ = entries["current"]
+        _save(cache, key, {f"{name}/{layer}": g for name in sets for layer, g in grads[name].items()})
+    report.gradient_sets_from_cache = cached
+    report.gradients_from_cache = not missing and bool(cached)
+    return grads["current"], grads.get("replay")
 
 
 def _factors(method: str, grad: torch.Tensor | None, weight: torch.Tensor, rank: int, config: InitConfig):
@@ -180,6 +242,8 @@ def init_adapter(
         raise InitError(f"unknown init method {method!r}; choose one of {', '.join(METHODS)}.")
     if config.lora_ga_variant not in LORA_GA_VARIANTS:
         raise InitError(f"lora_ga_variant {config.lora_ga_variant!r} must be one of {', '.join(LORA_GA_VARIANTS)}.")
+    if config.gradient_cache and config.gradient_cache_dir:
+        raise InitError("set gradient_cache (one file) or gradient_cache_dir (a folder of gradient sets), not both.")
     start = time.perf_counter()
     report = InitReport(method=method)
     reshard_all(model)
