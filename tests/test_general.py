@@ -12,6 +12,8 @@ import pytest
 from slicelora.data import general as data
 from slicelora.errors import ConfigError, DataError
 from slicelora.eval import general as ev
+from slicelora.eval.generate import sequence_logprobs
+from slicelora.models import tiny_llama
 
 # --- loaders on the shipped files --------------------------------------------------------------------------------
 
@@ -168,6 +170,21 @@ def test_zero_shot_prompts_and_the_scored_subset():
 )
 def test_extract_count(text, cot, expected):
     assert ev.extract_count(text, chain_of_thought=cot) == expected
+
+
+# --- multiple choice: each context once, the same picks as one forward per (context, choice) ---------------------
+
+
+@pytest.mark.parametrize(("shots", "max_length"), [(0, 1024), (2, 1024), (2, 192)])
+def test_multiple_choice_picks_equal_the_pair_by_pair_route(tokenizer, shots, max_length):
+    model = tiny_llama(tokenizer, seed=3, initializer_range=0.2)
+    for requests in (ev.hellaswag_requests(data.load_hellaswag(), 4, shots, 42),
+                     ev.commonsenseqa_requests(data.load_commonsenseqa(), 4, shots, 42)):
+        flat = iter(sequence_logprobs(model, tokenizer, [r.prompt for r in requests for _ in r.choices],
+                                      [ev.TARGET_DELIMITER + c for r in requests for c in r.choices], 3,
+                                      max_length=max_length))
+        pairwise = ev.multiple_choice_picks(requests, [[next(flat) for _ in r.choices] for r in requests])
+        assert ev._multiple_choice(model, tokenizer, requests, 3, max_length, "test") == pairwise
 
 
 # --- end to end --------------------------------------------------------------------------------------------------

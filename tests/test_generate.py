@@ -7,7 +7,8 @@ import torch
 from conftest import wrap
 
 from slicelora.errors import ConfigError
-from slicelora.eval.generate import _left_pad, _positions, generate, sequence_logprobs
+from slicelora.eval.general import Request, multiple_choice_picks
+from slicelora.eval.generate import _left_pad, _positions, choice_logprobs, generate, sequence_logprobs
 from slicelora.models import tiny_llama
 
 PROMPTS = [
@@ -77,6 +78,69 @@ def test_sequence_logprobs_match_manual_computation(lively, tokenizer):
 def test_sequence_logprobs_rejects_mismatched_inputs(lively, tokenizer):
     with pytest.raises(ConfigError):
         sequence_logprobs(lively, tokenizer, ["a", "b"], [" c"])
+    with pytest.raises(ConfigError):
+        choice_logprobs(lively, tokenizer, ["a", "b"], [[" c"]])
+
+
+SHOT = "Cooking: A man cracks eggs into a bowl. He whisks them with a fork until they are frothy."
+MC_REQUESTS = [  # HellaSwag-like (a long few-shot context, endings of several lengths) and CSQA-like (letters)
+    Request(f"{SHOT}\n\n{SHOT}\n\nSports: A girl runs up to the bar.", 2,
+            ("she jumps.", "then she falls over the bar and lands on the mat below.", "she vaults it", "no")),
+    Request("Cooking: He pours the eggs", 0, ("into a hot pan.", "away", "on the floor and leaves the kitchen.", "x")),
+    Request("Question: Where do you keep milk?\nA. fridge\nB. oven\nC. car\nD. bed\nE. sea\nAnswer:", 0,
+            ("A", "B", "C", "D", "E")),
+    Request(f"{SHOT}\n\nQuestion: What is a fork for?\nA. eating\nB. running\nC. sleeping\nAnswer:", 0,
+            ("A", "B", "C")),
+    Request("", 1, ("a", "bc d")),
+]
+
+
+def continuations(requests: list[Request]) -> list[list[str]]:
+    """Each choice after a space, except one-letter choices: the byte tokenizer's " A" is two tokens where a BPE
+    vocabulary has one, so "A" alone takes the one-token route here."""
+    return [[c if len(c) == 1 else " " + c for c in r.choices] for r in requests]
+
+
+@pytest.mark.parametrize(("batch_size", "max_length"), [(1, 512), (3, 512), (16, 512), (3, 90)])
+def test_choice_logprobs_equal_pair_by_pair_scores(lively, tokenizer, batch_size, max_length):
+    # max_length=90 cuts the long contexts differently for endings of different lengths: those pairs share nothing.
+    lively.train()
+    contexts = [r.prompt for r in MC_REQUESTS]
+    options = continuations(MC_REQUESTS)
+    got = choice_logprobs(lively, tokenizer, contexts, options, batch_size, max_length=max_length, desc="test")
+    assert lively.training
+    flat = sequence_logprobs(lively, tokenizer, [c for c, o in zip(contexts, options) for _ in o],
+                             [x for o in options for x in o], batch_size, max_length=max_length)
+    pairs = iter(flat)
+    expected = [[next(pairs) for _ in o] for o in options]
+    for row, want in zip(got, expected):
+        assert [v[1:] for v in row] == [v[1:] for v in want]
+        assert [v[0] for v in row] == pytest.approx([v[0] for v in want], abs=1e-4)
+    assert multiple_choice_picks(MC_REQUESTS, got) == multiple_choice_picks(MC_REQUESTS, expected)
+
+
+def test_choice_logprobs_run_each_context_once(lively, tokenizer):
+    shapes = []
+    hook = lively.register_forward_hook(lambda m, a, kw, out: shapes.append(tuple(kw["input_ids"].shape)),
+                                        with_kwargs=True)
+    try:
+        for requests in (MC_REQUESTS[:2], MC_REQUESTS[2:4]):
+            choice_logprobs(lively, tokenizer, [r.prompt for r in requests], continuations(requests), 16)
+    finally:
+        hook.remove()
+    # Endings: the two contexts, then their 7 endings of 2+ tokens on the cache. Letters: the two contexts only.
+    assert [s[0] for s in shapes] == [2, 7, 2]
+    assert shapes[1][1] == len(" then she falls over the bar and lands on the mat below.") - 1
+
+
+def test_choice_logprobs_on_a_peft_model(tokenizer):
+    base = tiny_llama(tokenizer, seed=3, initializer_range=0.2)
+    contexts = [r.prompt for r in MC_REQUESTS[:4]]
+    options = continuations(MC_REQUESTS[:4])
+    expected = choice_logprobs(base, tokenizer, contexts, options, 4)
+    got = choice_logprobs(wrap(base), tokenizer, contexts, options, 4)  # the cache goes through the PEFT wrapper
+    for row, want in zip(got, expected):
+        assert [v[0] for v in row] == pytest.approx([v[0] for v in want], abs=1e-4)
 
 
 def test_generate_on_a_peft_model(tokenizer):

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..data import general as data
 from ..errors import ConfigError
-from .generate import generate, sequence_logprobs
+from .generate import choice_logprobs, generate
 from .scoring import score
 
 BENCHMARKS = ("hellaswag", "commonsenseqa", "bbh_object_counting", "alpaca")
@@ -164,20 +164,25 @@ def _mean(values: Sequence[float]) -> float:
     return 100.0 * sum(values) / len(values)
 
 
-def _multiple_choice(model, tokenizer, requests: list[Request], batch_size: int, max_length: int, desc: str):
-    """Per request: (index of the best sum log-prob, index of the best log-prob per character of the choice,
-    the delimiter not counted, as lm-eval-harness's acc_norm)."""
-    contexts = [r.prompt for r in requests for _ in r.choices]
-    continuations = [TARGET_DELIMITER + c for r in requests for c in r.choices]
-    scores = iter(sequence_logprobs(model, tokenizer, contexts, continuations, batch_size,
-                                    max_length=max_length, desc=desc))
+def multiple_choice_picks(
+    requests: Sequence[Request], scores: Sequence[Sequence[tuple[float, int, int]]]
+) -> list[tuple[int, int]]:
+    """Per request, from its choices' (sum log-prob, tokens, characters): (index of the best sum log-prob, index of
+    the best log-prob per character of the choice, the delimiter not counted, as lm-eval-harness's acc_norm)."""
     picks = []
-    for r in requests:
-        rows = [next(scores) for _ in r.choices]
+    for r, rows in zip(requests, scores):
         raw = max(range(len(rows)), key=lambda j: rows[j][0])
         norm = max(range(len(rows)), key=lambda j: rows[j][0] / max(1, len(r.choices[j])))
         picks.append((raw, norm))
     return picks
+
+
+def _multiple_choice(model, tokenizer, requests: list[Request], batch_size: int, max_length: int, desc: str):
+    """`multiple_choice_picks` of the requests, each context run once for all of its choices."""
+    scores = choice_logprobs(model, tokenizer, [r.prompt for r in requests],
+                             [[TARGET_DELIMITER + c for c in r.choices] for r in requests], batch_size,
+                             max_length=max_length, desc=desc)
+    return multiple_choice_picks(requests, scores)
 
 
 def evaluate_general(
