@@ -53,13 +53,24 @@ def list_sequences() -> list[str]:
     return list(_registry())
 
 
+def inline_sequence(tasks: list[str]) -> str:
+    """The text form of an inline sequence, e.g. "[363, 363+swap_labels, 591]" (what `load_sequence` reads)."""
+    return "[" + ", ".join(tasks) + "]"
+
+
 def load_sequence(name_or_path: str | Path) -> Sequence:
-    """A registry sequence by name ("ni-seq-g1", "trace", "demo", ...) or one from a YAML file ("my.yaml" or
-    "my.yaml:name" to pick one of several)."""
+    """A registry sequence by name ("ni-seq-g1", "trace", "demo", ...), one from a YAML file ("my.yaml" or
+    "my.yaml:name" to pick one of several), or an inline YAML list of task references ("[363, 1687, 591]")."""
     if isinstance(name_or_path, Path):
         return _from_file(name_or_path, None)
     if not isinstance(name_or_path, str):
         raise DataError(f"a sequence is a name or a YAML path, got {type(name_or_path).__name__} {name_or_path!r}.")
+    if name_or_path.strip().startswith("["):
+        try:
+            tasks = yaml.load(name_or_path, Loader=_TextLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as e:
+            raise DataError(f"inline sequence {name_or_path!r} is not a YAML list ({e}); write [task, task, ...].") from e
+        return Sequence("inline", _task_refs(tasks, f"inline sequence {name_or_path!r}"))
     match = _FILE_REF.fullmatch(name_or_path.strip())
     if match:
         try:

@@ -104,12 +104,22 @@ def load_task(
 ) -> Task:
     """Load a task by reference: a Super-NI number ("363", "task363", "002" or "2"), a full Super-NI name, a TRACE name
     (any case), or a path to a task file or folder. `data_dirs` (default `default_data_dirs()`) are searched as given.
+    Any of these may end in a label transform, "REF+swap_labels" or "REF+relabel(OLD=NEW;...)" (see transforms.py).
 
     `heldout_size` and `seed` only apply to single-file Super-NI tasks (see `split_heldout`). TRACE's MeetingBank ships
     without `train.json`; `allow_reasoning_variant=True` trains on `train_reasoning_variant.json` instead.
     """
     if isinstance(heldout_size, bool) or not isinstance(heldout_size, int) or heldout_size < 1:
         raise ConfigError(f"heldout_size must be a positive integer, got {heldout_size!r}.")
+    if isinstance(ref, str):
+        from .transforms import split_ref, transform_task  # transforms.py imports this module
+
+        transformed = split_ref(ref)
+        if transformed is not None:
+            base, transform = transformed
+            task = load_task(base, data_dirs, heldout_size=heldout_size, seed=seed,
+                             allow_reasoning_variant=allow_reasoning_variant)
+            return transform_task(task, transform)
     path = _resolve(ref, _dirs(data_dirs))
     if path.is_file():
         return _load_superni_file(path, heldout_size, seed)
