@@ -12,9 +12,9 @@ import pytest
 from rich.console import Console
 
 from slicelora.errors import ConfigError, DataError
-from slicelora.report.metrics import cl_metrics
-from slicelora.report.plots import write_report
-from slicelora.report.runs import find_run_dirs, read_r_csv, read_run, write_run_summary
+from slicelora.report.metrics import cl_metrics, loss_metrics
+from slicelora.report.plots import mark_zero_and_missing, new_figure, series_style, write_report
+from slicelora.report.runs import find_run_dirs, read_examples, read_r_csv, read_run, write_run_summary
 from slicelora.report.tables import comparison_table, final_scores_table, report_markdown, rich_table, to_csv
 
 NAN = np.nan
@@ -31,8 +31,10 @@ R3_METRICS = {"AP": 245 / 3, "FP": 220 / 3, "Forget": 25 / 3, "BWT": -12.5, "BWT
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root: Path, method, tasks: list[str], R: np.ndarray, *, general=None, init=None) -> Path:
-    """A run folder written by hand in the brief's layout (one stage folder per row of R)."""
+def write_run(root: Path, method, tasks: list[str], R: np.ndarray, *, general=None, init=None,
+              L: np.ndarray | None = None) -> Path:
+    """A run folder written by hand in the brief's layout (one stage folder per row of R; with L, scores.json
+    records losses as well)."""
     root.mkdir(parents=True)
     (root / "config.json").write_text(json.dumps({"method": method, "model": "tiny",
                                                   "sequence": {"name": "test", "tasks": tasks}}))
@@ -41,7 +43,10 @@ def write_run(root: Path, method, tasks: list[str], R: np.ndarray, *, general=No
         stage = root / "stages" / f"{i + 1:02d}"
         stage.mkdir(parents=True)
         scores = {t: float(v) for t, v in zip(tasks, row) if not np.isnan(v)}
-        (stage / "scores.json").write_text(json.dumps({"stage": i + 1, "scores": scores}))
+        record = {"stage": i + 1, "scores": scores}
+        if L is not None:
+            record["losses"] = {t: float(v) for t, v in zip(tasks, L[i]) if not np.isnan(v)}
+        (stage / "scores.json").write_text(json.dumps(record))
         if init is not None:
             (stage / "init.json").write_text(json.dumps(init[i]))
     if general is not None:
@@ -130,6 +135,81 @@ def test_write_run_summary(tmp_path):
     np.testing.assert_array_equal(R, R3)
     assert (run_dir / "R.csv").read_text().splitlines()[1] == "1,80.0,,"
     assert not list(run_dir.glob(".*.tmp"))
+    assert read_run(run_dir).R_loss is None and not (run_dir / "R_loss.csv").exists()  # no losses recorded
+
+
+# Hand-worked loss matrix (mean per-token answer NLL):
+#   loss_learned = (1.0 + 0.8 + 0.5)/3 = 0.766667   loss_final = (2.0 + 1.2 + 0.5)/3 = 1.233333
+#   loss_increase = ((2.0 - 1.0) + (1.2 - 0.8))/2 = 0.7
+L3 = np.array([[1.0, NAN, NAN],
+               [1.5, 0.8, NAN],
+               [2.0, 1.2, 0.5]])
+L3_METRICS = {"loss_learned": 2.3 / 3, "loss_final": 3.7 / 3, "loss_increase": 0.7}
+
+
+def test_loss_metrics_hand_worked():
+    assert loss_metrics(L3) == pytest.approx(L3_METRICS)
+    assert loss_metrics([[0.9]]) == {"loss_learned": 0.9, "loss_final": 0.9, "loss_increase": 0.0}
+
+
+@pytest.mark.parametrize("L, match", [([[1.0, NAN], [-0.1, 2.0]], r"L\[1, 0\].*loss >= 0"),
+                                      ([[1.0, 0.5], [1.0, 2.0]], "above the diagonal"),
+                                      (np.zeros((2, 3)), "square")])
+def test_loss_metrics_reject_bad_matrices(L, match):
+    with pytest.raises(DataError, match=match):
+        loss_metrics(L)
+
+
+def test_loss_matrix_from_scores_json(tmp_path):
+    run_dir = write_run(tmp_path / "run", "slice", TASKS, R3, L=L3)
+    run = read_run(run_dir)
+    np.testing.assert_array_equal(run.R_loss, L3)
+    summary = write_run_summary(run_dir)
+    assert {k: summary[k] for k in L3_METRICS} == pytest.approx(L3_METRICS)
+    L, tasks = read_r_csv(run_dir / "R_loss.csv")
+    assert tasks == TASKS
+    np.testing.assert_array_equal(L, L3)
+    for scores in run_dir.glob("stages/*/scores.json"):  # R.csv and R_loss.csv stand in for missing stages
+        scores.unlink()
+    np.testing.assert_array_equal(read_run(run_dir).R_loss, L3)
+    assert read_run(run_dir).loss_metrics() == pytest.approx(L3_METRICS)
+
+
+def test_loss_matrix_unfinished_and_partial(tmp_path):
+    run = read_run(write_run(tmp_path / "two", "slice", TASKS, R3[:2], L=L3[:2]))
+    assert run.loss_metrics() == pytest.approx(loss_metrics(L3[:2, :2]))
+    run_dir = write_run(tmp_path / "mixed", "slice", TASKS, R3, L=L3)
+    (run_dir / "stages/01/scores.json").write_text(json.dumps({"stage": 1, "scores": {TASKS[0]: 80.0}}))
+    assert read_run(run_dir).R_loss is None  # a stage from before losses were recorded: no loss matrix
+    assert "loss_final" not in write_run_summary(run_dir) and not (run_dir / "R_loss.csv").exists()
+
+
+def test_bad_loss_value(tmp_path):
+    run_dir = write_run(tmp_path / "run", "slice", TASKS, R3, L=L3)
+    (run_dir / "stages/01/scores.json").write_text(json.dumps({"stage": 1, "scores": {TASKS[0]: 80.0},
+                                                               "losses": {TASKS[0]: "low"}}))
+    with pytest.raises(DataError, match=r"losses\.task363.*mean answer NLL"):
+        read_run(run_dir)
+
+
+def test_read_examples(tmp_path):
+    run_dir = write_run(tmp_path / "run", "slice", TASKS[:2], R3[:2, :2])
+    lines = [{"task": TASKS[0], "index": 3, "score": 100.0, "nll": 0.25},
+             {"task": TASKS[0], "index": 1, "score": 0.0, "nll": 2.0},
+             {"task": TASKS[1], "index": 0, "score": 50.0}]  # older record: no nll
+    (run_dir / "stages/02/generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    examples = read_examples(run_dir)
+    assert set(examples) == {(2, TASKS[0]), (2, TASKS[1])}  # stage 1 has no generations.jsonl
+    first = examples[(2, TASKS[0])]
+    assert first.index.tolist() == [1, 3] and first.score.tolist() == [0.0, 100.0] and first.nll.tolist() == [2.0, 0.25]
+    assert np.isnan(examples[(2, TASKS[1])].nll).all()
+    assert read_examples(run_dir, stages=1) == {}
+    (run_dir / "stages/02/generations.jsonl").write_text(json.dumps({"task": TASKS[0], "index": 0, "score": 101}))
+    with pytest.raises(DataError, match=r"line 1 field score"):
+        read_examples(run_dir)
+    (run_dir / "stages/02/generations.jsonl").write_text('{"task": "a", "index": 0, "score": 1}\n' * 2)
+    with pytest.raises(DataError, match="more than once"):
+        read_examples(run_dir)
 
 
 def test_r_csv_is_used_when_no_stage_has_scores(tmp_path):
@@ -201,6 +281,14 @@ def test_comparison_table_numbers_match_cl_metrics(tmp_path):
     assert final_scores_table(runs).rows == [["lora", 20.0, 50.0, 90.0], ["slice", 60.0, 85.0, 75.0]]
 
 
+def test_loss_columns_only_when_recorded(tmp_path):
+    lora = read_run(write_run(tmp_path / "lora", "lora", TASKS, R3_LORA))
+    assert "loss_final" not in comparison_table([lora]).columns
+    table = comparison_table([lora, read_run(write_run(tmp_path / "slice", "slice", TASKS, R3, L=L3))])
+    i = table.columns.index("loss_increase")
+    assert table.rows[0][i] is None and table.rows[1][i] == pytest.approx(0.7)
+
+
 def test_markdown_and_rich_tables(tmp_path):
     runs = [read_run(p) for p in find_run_dirs(two_runs(tmp_path))]
     md = report_markdown(runs)
@@ -238,6 +326,21 @@ def test_write_report_single_run_without_extras(tmp_path):
     written = write_report([run_dir], tmp_path / "out")
     assert [p.name for p in written] == ["metrics.md", "metrics.csv", "r_matrix.png", "task_curves.png"]
     assert "| lora | 2/3 |" in (tmp_path / "out" / "metrics.md").read_text()
+
+
+def test_coinciding_series_get_distinct_styles():
+    styles = [series_style(k, 4) for k in range(4)]
+    assert len({(s["marker"], s["linestyle"]) for s in styles}) == 4
+    offsets = [s["offset"] for s in styles]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 4 and sum(offsets) == pytest.approx(0)
+    assert series_style(0, 1)["offset"] == 0
+
+
+def test_zero_and_missing_bars_are_marked():
+    _, (ax,) = new_figure(1, 1, (3, 3))
+    mark_zero_and_missing(ax, np.array([0.0, 1.0, 2.0]), np.array([0.0, NAN, 40.0]), "C0", 0.2)
+    assert [t.get_text() for t in ax.texts] == ["0", "n/a"]
+    assert len(ax.lines) == 1  # the tick at 0; a real bar needs no mark
 
 
 def test_write_report_needs_runs(tmp_path):

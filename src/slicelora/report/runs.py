@@ -1,7 +1,9 @@
-"""Reading run folders (layout in the architecture brief) and writing their summary files (R.csv, metrics.json).
+"""Reading run folders (layout in the architecture brief) and writing their summary files (R.csv, R_loss.csv,
+metrics.json).
 
-The score matrix is rebuilt from `stages/*/scores.json`, the record the stage loop writes per stage, so the
-metrics of a run can be recomputed even when R.csv is missing or stale.
+The score and loss matrices are rebuilt from `stages/*/scores.json`, the record the stage loop writes per stage, so
+the metrics of a run can be recomputed even when R.csv is missing or stale. Per-example scores and answer NLLs come
+from `stages/*/generations.jsonl` (for resampling the evaluation examples).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from slicelora import io
 from slicelora.errors import DataError
-from slicelora.report.metrics import cl_metrics
+from slicelora.report.metrics import cl_metrics, loss_metrics
 
 
 @dataclass
@@ -26,7 +28,9 @@ class Run:
     """One run folder, read.
 
     R has shape (stages_done, len(tasks)): row i is the scores after stage i + 1, NaN where a task is not learned
-    yet. init[i] is stages/<i+1>/init.json, or None when that file is missing.
+    yet. R_loss has the same layout with the mean answer NLLs, or is None when the stages do not record losses (run
+    folders written before they did). init[i] and timing[i] are stages/<i+1>/init.json and timing.json, or None
+    when that file is missing.
     """
 
     path: Path
@@ -36,6 +40,13 @@ class Run:
     R: np.ndarray
     init: list[dict[str, Any] | None]
     general: dict[str, Any] | None
+    R_loss: np.ndarray | None = None
+    timing: list[dict[str, Any] | None] | None = None
+
+    @property
+    def multitask(self) -> bool:
+        """One stage that learned every task jointly (train.multitask): R is one row, only final values exist."""
+        return bool((self.config.get("train") or {}).get("multitask", False))
 
     @property
     def stages_done(self) -> int:
@@ -43,15 +54,26 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return self.stages_done == len(self.tasks)
+        return self.stages_done == (1 if self.multitask else len(self.tasks))
 
     def metrics(self) -> dict[str, float]:
-        """CL metrics over the tasks learned so far (all tasks once the run is complete)."""
+        """CL metrics over the tasks learned so far (all tasks once the run is complete); a multi-task run has FP."""
+        if self.multitask:
+            return {"FP": float(self.R[-1].mean())}
         t = self.stages_done
         return cl_metrics(self.R[:t, :t])
 
+    def loss_metrics(self) -> dict[str, float]:
+        """Loss metrics over the tasks learned so far; empty when the run has no complete loss matrix."""
+        if self.multitask:
+            return {"loss_final": float(self.R_loss[-1].mean())} if self.R_loss is not None else {}
+        t = self.stages_done
+        if self.R_loss is None or not np.isfinite(self.R_loss[np.tril_indices(t)]).all():
+            return {}
+        return loss_metrics(self.R_loss[:t, :t])
 
-def _read_json(path: Path) -> Any:
+
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -73,7 +95,7 @@ def _method_name(config: dict[str, Any], path: Path) -> str:
 def _task_names(run_dir: Path, config: dict[str, Any]) -> list[str]:
     tasks_file = run_dir / "tasks.json"
     if tasks_file.exists():
-        tasks, where = _read_json(tasks_file), str(tasks_file)
+        tasks, where = read_json(tasks_file), str(tasks_file)
     else:
         sequence = config.get("sequence")
         tasks = sequence.get("tasks") if isinstance(sequence, dict) else None
@@ -102,28 +124,53 @@ def _score(value: Any, where: str) -> float:
     return float(value)
 
 
-def scores_matrix(run_dir: Path, tasks: list[str]) -> np.ndarray:
-    """R from stages/*/scores.json: row i = stage i + 1, column j = tasks[j], NaN where j > i."""
+def _loss(value: Any, where: str) -> float:
+    """A recorded mean NLL; null (or NaN) means not measured and becomes NaN."""
+    if value is None:
+        return np.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or math.isinf(value):
+        raise DataError(f"{where}: expected a mean answer NLL >= 0 (or null), got {value!r}")
+    return float(value)
+
+
+def score_and_loss_matrices(run_dir: Path, tasks: list[str], multitask: bool = False
+                            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(R, R_loss) from stages/*/scores.json: row i = stage i + 1, column j = tasks[j], NaN where j > i (a
+    multi-task run: one row, every task). R_loss is None unless every finished stage records "losses"."""
     stage_dirs = _stage_dirs(run_dir)
     if len(stage_dirs) > len(tasks):
         raise DataError(f"{run_dir / 'stages'}: {len(stage_dirs)} finished stages but only {len(tasks)} tasks")
     R = np.full((len(stage_dirs), len(tasks)), np.nan)
+    L: np.ndarray | None = np.full_like(R, np.nan)
     for i, stage_dir in enumerate(stage_dirs):
         path = stage_dir / "scores.json"
-        scores = _read_json(path)
-        scores = scores.get("scores") if isinstance(scores, dict) else None
+        record = read_json(path)
+        scores = record.get("scores") if isinstance(record, dict) else None
         if not isinstance(scores, dict):
             raise DataError(f"{path}: expected {{\"stage\": n, \"scores\": {{task: score}}}}")
-        for j, task in enumerate(tasks[:i + 1]):
+        losses = record.get("losses")
+        if losses is not None and not isinstance(losses, dict):
+            raise DataError(f"{path} field losses: expected {{task: mean answer NLL}}, got {losses!r}")
+        if losses is None:
+            L = None
+        for j, task in enumerate(tasks if multitask else tasks[:i + 1]):
             if task not in scores:
                 raise DataError(f"{path}: no score for task {task!r} (learned at stage {j + 1}); "
                                 "rescore the stage or delete its scores.json to rerun it")
             R[i, j] = _score(scores[task], f"{path} field scores.{task}")
-    return R
+            if L is not None:
+                L[i, j] = _loss(losses.get(task), f"{path} field losses.{task}")
+    return R, (L if stage_dirs else None)
+
+
+def scores_matrix(run_dir: Path, tasks: list[str]) -> np.ndarray:
+    """R from stages/*/scores.json: row i = stage i + 1, column j = tasks[j], NaN where j > i."""
+    return score_and_loss_matrices(run_dir, tasks)[0]
 
 
 def write_r_csv(path: Path, R: np.ndarray, tasks: list[str]) -> None:
-    """R.csv: a header `stage,<task>...`, then one row per stage, empty cells where the task is not learned yet."""
+    """R.csv (or R_loss.csv): a header `stage,<task>...`, then one row per stage, empty cells where the task is not
+    learned yet (or its value is not measured)."""
     buf = _io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["stage", *tasks])
@@ -133,7 +180,7 @@ def write_r_csv(path: Path, R: np.ndarray, tasks: list[str]) -> None:
 
 
 def read_r_csv(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Read an R.csv written by write_r_csv back into (R, tasks)."""
+    """Read an R.csv (or R_loss.csv) written by write_r_csv back into (R, tasks)."""
     try:
         rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
         tasks = rows[0][1:]
@@ -150,7 +197,7 @@ def _general(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "general.json"
     if not path.exists():
         return None
-    general = _read_json(path)
+    general = read_json(path)
     if not isinstance(general, dict):
         raise DataError(f"{path}: expected {{\"base\": {{\"GP\": {{...}}, \"IP\": {{...}}}}, \"final\": {{...}}}}")
     for when, kinds in general.items():
@@ -165,29 +212,87 @@ def _general(run_dir: Path) -> dict[str, Any] | None:
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """Read a run folder. R comes from stages/*/scores.json, or from R.csv when no stage has scores."""
+    """Read a run folder. R and R_loss come from stages/*/scores.json, or from R.csv and R_loss.csv when no stage
+    has scores."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise DataError(f"{run_dir} is not a run folder: it has no config.json "
                         "(give the folder that `slicelora run` created, with config.json and stages/)")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     if not isinstance(config, dict):
         raise DataError(f"{config_path}: expected a JSON object")
     method = _method_name(config, config_path)
     tasks = _task_names(run_dir, config)
-    R = scores_matrix(run_dir, tasks)
+    R, R_loss = score_and_loss_matrices(run_dir, tasks, bool((config.get("train") or {}).get("multitask")))
     if R.shape[0] == 0 and (run_dir / "R.csv").exists():
-        R, csv_tasks = read_r_csv(run_dir / "R.csv")
-        if csv_tasks != tasks:
-            raise DataError(f"{run_dir / 'R.csv'}: its tasks {csv_tasks} differ from the run's tasks {tasks}")
+        R = _matrix_csv(run_dir / "R.csv", tasks)
+        if (run_dir / "R_loss.csv").exists():
+            R_loss = _matrix_csv(run_dir / "R_loss.csv", tasks)
+            if R_loss.shape != R.shape:
+                raise DataError(f"{run_dir / 'R_loss.csv'}: {R_loss.shape[0]} stages, R.csv has {R.shape[0]}")
     if R.shape[0] == 0:
         raise DataError(f"{run_dir}: no finished stage (no stages/NN/scores.json); nothing to report yet")
-    init = []
+    init, timing = [], []
     for stage in range(1, R.shape[0] + 1):
-        path = run_dir / "stages" / f"{stage:02d}" / "init.json"
-        init.append(_read_json(path) if path.exists() else None)
-    return Run(path=run_dir, method=method, config=config, tasks=tasks, R=R, init=init, general=_general(run_dir))
+        folder = run_dir / "stages" / f"{stage:02d}"
+        init.append(read_json(folder / "init.json") if (folder / "init.json").exists() else None)
+        timing.append(read_json(folder / "timing.json") if (folder / "timing.json").exists() else None)
+    return Run(path=run_dir, method=method, config=config, tasks=tasks, R=R, init=init, general=_general(run_dir),
+               R_loss=R_loss, timing=timing)
+
+
+def _matrix_csv(path: Path, tasks: list[str]) -> np.ndarray:
+    M, csv_tasks = read_r_csv(path)
+    if csv_tasks != tasks:
+        raise DataError(f"{path}: its tasks {csv_tasks} differ from the run's tasks {tasks}")
+    return M
+
+
+@dataclass
+class Examples:
+    """The scored examples of one task after one stage, sorted by example index: score (0..100) and nll (mean
+    per-token answer NLL, NaN where not recorded) per example."""
+
+    index: np.ndarray
+    score: np.ndarray
+    nll: np.ndarray
+
+
+def read_examples(run_dir: str | Path, stages: int | None = None) -> dict[tuple[int, str], Examples]:
+    """Per-example results from stages/NN/generations.jsonl, keyed by (stage, task) with stages 1-based; stages
+    without the file are absent. `stages` limits the reading to stages 1..stages."""
+    out: dict[tuple[int, str], Examples] = {}
+    for stage_dir in _stage_dirs(Path(run_dir))[:stages]:
+        path = stage_dir / "generations.jsonl"
+        if not path.is_file():
+            continue
+        rows: dict[str, list[tuple[int, float, float]]] = {}
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e})") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+                task, index = record["task"], record["index"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{where}: expected a JSON object with task, index and score ({e})") from None
+            if not isinstance(task, str) or isinstance(index, bool) or not isinstance(index, int):
+                raise DataError(f"{where}: task must be a name and index an integer, got {task!r}, {index!r}")
+            nll = _loss(record.get("nll"), f"{where} field nll")
+            rows.setdefault(task, []).append((index, _score(record.get("score"), f"{where} field score"), nll))
+        for task, items in rows.items():
+            items.sort()
+            index = np.array([i for i, _, _ in items], dtype=np.int64)
+            if len(np.unique(index)) != len(index):
+                raise DataError(f"{path}: task {task!r} has an example index more than once")
+            out[(int(stage_dir.name), task)] = Examples(index, np.array([v for _, v, _ in items]),
+                                                        np.array([v for _, _, v in items]))
+    return out
 
 
 def find_run_dirs(folder: str | Path) -> list[Path]:
@@ -218,15 +323,19 @@ def general_summary(general: dict[str, Any] | None) -> dict[str, float]:
 
 
 def run_summary(run: Run) -> dict[str, Any]:
-    """metrics.json content: the CL metrics, GP/IP summaries, and how many stages they cover."""
+    """metrics.json content: the CL metrics, the loss metrics (when recorded), GP/IP summaries, and how many stages
+    they cover."""
     return {"method": run.method, "stages_done": run.stages_done, "tasks": len(run.tasks), **run.metrics(),
-            **general_summary(run.general)}
+            **run.loss_metrics(), **general_summary(run.general)}
 
 
 def write_run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """Recompute R and the metrics of a run folder and write RUN/R.csv and RUN/metrics.json (atomically)."""
+    """Recompute R (and R_loss) and the metrics of a run folder and write RUN/R.csv, RUN/R_loss.csv (when the
+    stages record losses) and RUN/metrics.json (atomically)."""
     run = read_run(run_dir)
     summary = run_summary(run)
     write_r_csv(run.path / "R.csv", run.R, run.tasks)
+    if run.R_loss is not None:
+        write_r_csv(run.path / "R_loss.csv", run.R_loss, run.tasks)
     io.write_json(run.path / "metrics.json", summary)
     return summary

@@ -11,7 +11,7 @@ import numpy as np
 import rich.table
 
 from slicelora import io
-from slicelora.report.metrics import METRIC_NAMES
+from slicelora.report.metrics import LOSS_METRIC_NAMES, METRIC_NAMES
 from slicelora.report.runs import Run, general_summary
 
 Cell = str | float | None
@@ -19,8 +19,11 @@ Cell = str | float | None
 LEGEND = ("Scores are 0..100. AP = mean score on each task right after learning it; FP = mean final score; "
           "Forget = AP - FP (lower is better); BWT = mean over past tasks of final - just-learned score "
           "(BWT_trace divides the sum by N instead of N - 1); max_forgetting = mean over past tasks of best earlier "
-          "score - final score. GP/IP = general ability zero-/few-shot, mean over benchmarks, for the base model "
-          "and after the last stage; delta = final - base. Runs that are not complete report the tasks learned so far.")
+          "score - final score. loss_learned / loss_final = mean per-token NLL of the reference answers right after "
+          "learning each task / after the last stage; loss_increase = mean over past tasks of final - just-learned "
+          "loss (positive: the past tasks got worse). GP/IP = general ability zero-/few-shot, mean over benchmarks, "
+          "for the base model and after the last stage; delta = final - base. Runs that are not complete report the "
+          "tasks learned so far.")
 
 
 @dataclass
@@ -42,19 +45,22 @@ def run_labels(runs: list[Run]) -> list[str]:
 
 
 def comparison_table(runs: list[Run]) -> Table:
-    """All numbers per run: stages done, the CL metrics, GP/IP means (base, final, delta) and per benchmark."""
+    """All numbers per run: stages done, the CL metrics, the loss metrics (when any run records losses), GP/IP means
+    (base, final, delta) and per benchmark."""
     summaries = [general_summary(r.general) for r in runs]
+    losses = [r.loss_metrics() for r in runs]
+    loss_cols = [m for m in LOSS_METRIC_NAMES if any(m in x for x in losses)]
     present = {k for s in summaries for k in s}
     means = [f"{kind}_{when}" for kind in ("GP", "IP") for when in ("base", "final", "delta")]
     benches = sorted({k[k.index("[") + 1:-1] for k in present if "[" in k})
     per_bench = [f"{kind}_{when}[{b}]" for kind in ("GP", "IP") for b in benches for when in ("base", "final")]
     general_cols = [c for c in means + per_bench if c in present]
     rows: list[list[Cell]] = []
-    for label, run, summary in zip(run_labels(runs), runs, summaries):
-        metrics = run.metrics()
-        rows.append([label, f"{run.stages_done}/{len(run.tasks)}", *(metrics[m] for m in METRIC_NAMES),
-                     *(summary.get(c) for c in general_cols)])
-    return Table("Continual-learning metrics", ["method", "stages", *METRIC_NAMES, *general_cols], rows)
+    for label, run, summary, loss in zip(run_labels(runs), runs, summaries, losses):
+        metrics, stages = run.metrics(), 1 if run.multitask else len(run.tasks)
+        rows.append([label, f"{run.stages_done}/{stages}", *(metrics.get(m) for m in METRIC_NAMES),
+                     *(loss.get(m) for m in loss_cols), *(summary.get(c) for c in general_cols)])
+    return Table("Continual-learning metrics", ["method", "stages", *METRIC_NAMES, *loss_cols, *general_cols], rows)
 
 
 def final_scores_table(runs: list[Run]) -> Table:
