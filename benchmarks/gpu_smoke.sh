@@ -179,7 +179,7 @@ for method in "${METHOD_LIST[@]}"; do
   fi
 done
 
-# --- 5. per-stage times from the run folders (stages/*/init.json and train.json "seconds") -----------------------------
+# --- 5. per-stage times from the run folders (stages/*/timing.json) ---------------------------------------------------
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -197,8 +197,9 @@ for method, wall in walls.items():
             path = folder / name
             return json.loads(path.read_text()) if path.is_file() else {}
         init, train, scores = read("init.json"), read("train.json"), read("scores.json")
-        stage = {"stage": int(folder.name), "task": init.get("task"), "init_s": init.get("seconds"),
-                 "train_s": train.get("seconds"), "train_steps": train.get("steps"), "bf16": train.get("bf16"),
+        timing = read("timing.json")
+        stage = {"stage": int(folder.name), "task": init.get("task"), "init_s": timing.get("init"),
+                 "train_s": timing.get("train"), "train_steps": train.get("steps"), "bf16": train.get("bf16"),
                  "evaluated": bool(scores)}
         stages.append(stage)
         rows.append((method, stage))

@@ -165,3 +165,49 @@ def test_config_errors(tmp_path):
     good.write_text("init:\n  method: lora_ga\ntrain:\n  lr: 0.0003\n")
     config = load_config(good, ["train.epochs=2"])
     assert (config.init.method, config.train.lr, config.train.epochs) == ("lora_ga", 3e-4, 2)
+
+
+def test_multitask_reference_learns_every_task_in_one_stage(tiny_folder, tmp_path):
+    from slicelora.report.plots import write_report
+
+    out = run(small_config(tiny_folder, "init.method=lora_ga", "train.multitask=true"), tmp_path / "joint")
+    result = read_run(out)
+    assert result.multitask and result.complete and result.R.shape == (1, 3) and np.isfinite(result.R).all()
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["01"]
+    train = json.loads((out / "stages" / "01" / "train.json").read_text())
+    assert train["examples"] == 3 * 12  # train.max_examples per task, all three tasks
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["FP"] == pytest.approx(result.R[0].mean()) and "AP" not in metrics
+    assert metrics["loss_final"] == pytest.approx(result.R_loss[0].mean())
+    assert write_report([out], tmp_path / "report")
+
+
+def test_loss_matrix_equals_a_direct_answer_nll(tiny_folder, tmp_path):
+    """R_loss[t, j] is the mean over task j's scored examples of the answer tokens' mean NLL on the model merged
+    after stage t, computed here one example at a time with cross_entropy."""
+    from slicelora.data.prompts import IGNORE_INDEX, encode_example
+    from slicelora.data.sequences import load_sequence
+    from slicelora.data.tasks import load_task
+
+    config = small_config(tiny_folder, "init.method=vanilla", "sequence=[363, 591]")
+    tokenizer = tiny_tokenizer()
+    direct = {}
+
+    def measure(t, model):
+        tasks = [load_task(ref, seed=config.seed) for ref in load_sequence(config.sequence).tasks]
+        for j, task in enumerate(tasks[:t]):
+            nlls = []
+            for example in task.heldout[:config.eval.examples]:
+                enc = encode_example(tokenizer, example, config.train.max_length, loss_on="answer")
+                ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits.float()
+                nlls.append(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:],
+                                                              ignore_index=IGNORE_INDEX).item())
+            direct[t - 1, j] = sum(nlls) / len(nlls)
+
+    out = run(config, tmp_path / "run", on_stage=measure)
+    R_loss = read_run(out).R_loss
+    assert R_loss.shape == (2, 2) and np.isnan(R_loss[0, 1])
+    for (i, j), value in direct.items():
+        assert R_loss[i, j] == pytest.approx(value, rel=1e-4)

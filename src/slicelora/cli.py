@@ -135,16 +135,57 @@ def compare(
 
 
 @app.command()
+def study(
+    study_file: Annotated[Path, typer.Argument(help="Study YAML: base, variants, sequences, seeds, reference.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Study folder (one run folder per cell).")] = Path("runs/study"),
+    plan: Annotated[bool, typer.Option("--plan", help="Print the cells, shared work and a time estimate; run nothing.")] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (one CPU thread each); 2 uses both cores of a 2-core machine.")] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue a stopped study in --output.")] = False,
+    set: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a base key of the study file: key=value (e.g. a larger size on a GPU).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds instead of the study file's.")] = None,
+) -> None:
+    """Run a grid of variants x sequences x seeds, sharing identical work, then write study.md/.csv and plots."""
+    from .report.study import write_study_report
+    from .study import load_study, run_study
+    from .study.plan import plan_study
+
+    try:
+        spec = load_study(study_file, overrides=set, seeds=seeds)
+        if plan:
+            if workers > 1:
+                import torch
+
+                torch.set_num_threads(1)
+            console.print(plan_study(spec, workers=workers), markup=False)
+            return
+        accelerator = _accelerator() if workers <= 1 else None
+        start = time.perf_counter()
+        run_study(spec, output, resume=resume, workers=workers, accelerator=accelerator,
+                  log=lambda line: console.print(line, markup=False))
+        written = write_study_report(output)
+        console.print(f"study finished in {time.perf_counter() - start:.0f} s; written: "
+                      + ", ".join(str(p) for p in written), markup=False)
+        if accelerator is not None:
+            _finish(accelerator)
+    except SliceLoraError as exc:
+        _fail(exc)
+
+
+@app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder or a comparison folder.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run folder, a comparison folder or a study folder.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: RUN_DIR).")] = None,
 ) -> None:
-    """Recompute the metrics from a run folder and write tables (Markdown, CSV) and plots."""
+    """Recompute the metrics from a run, comparison or study folder and write tables (Markdown, CSV) and plots."""
     from .report.plots import write_report
     from .report.runs import find_run_dirs, read_run, write_run_summary
+    from .report.study import write_study_report
     from .report.tables import rich_table
 
     try:
+        if (run_dir / "study.json").is_file():
+            console.print("written: " + ", ".join(str(p) for p in write_study_report(run_dir)), markup=False)
+            return
         runs = find_run_dirs(run_dir)
         for folder in runs:
             write_run_summary(folder)

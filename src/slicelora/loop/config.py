@@ -43,6 +43,7 @@ class InitSection:
     selection: str = "lora_ga"
     offload_to_cpu: bool = False
     loss_on: str = "full"  # gradients of the loss on the full text (paper) or on answer tokens
+    autocast: bool = True  # gradient passes under bf16 autocast when training uses it (train.bf16, device support)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainSection:
     max_examples: int | None = None  # cap on training examples per task (None: the whole train split)
     replay_examples: int = 0  # experience replay: examples per past task mixed into training (off in the paper)
     gradient_checkpointing: bool = False  # in training and in the init's gradient passes
+    multitask: bool = False  # one stage learning every task of the sequence jointly: the upper-bound reference
 
 
 @dataclass
@@ -160,12 +162,13 @@ def _set(config: Any, key: str, value: Any, where: str) -> None:
     setattr(target, name, value)
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config mappings to dotted keys ({"train": {"lr": 1e-4}} -> {"train.lr": 1e-4})."""
     out = {}
     for k, v in data.items():
         # Valid keys are at most 2 deep; deeper nesting (or a YAML alias cycle) is left as one unknown key.
         if isinstance(v, dict) and prefix.count(".") < 2:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + str(k)] = v
     return out
@@ -187,7 +190,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}.")
-        for key, value in _flatten(data).items():
+        for key, value in flatten(data).items():
             _set(config, key, value, str(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -227,10 +230,20 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(message + ".")
 
 
+def config_from_items(items: list[tuple[str, Any, str]]) -> RunConfig:
+    """Paper defaults, then each (dotted key, value, where) in order (values already parsed, e.g. from YAML), then
+    the range checks; errors name `where`."""
+    config = RunConfig()
+    for key, value, where in items:
+        _set(config, key, value, where)
+    validate(config)
+    return config
+
+
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from its to_dict() form (a run folder's config.json)."""
     config = RunConfig()
-    for key, value in _flatten(data).items():
+    for key, value in flatten(data).items():
         _set(config, key, value, "config.json")
     return config
 

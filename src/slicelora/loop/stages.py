@@ -1,15 +1,18 @@
-"""The continual-learning stage loop (SPEC 2), top to bottom:
+"""The continual-learning stage loop, top to bottom (docs/method.md, "Protocol"):
 
     for each task T_t of the sequence:
         1. add a fresh LoRA adapter to the current (merged) model
         2. initialise it (vanilla | lora_ga | loram | slice, with SLICE's replay buffer of past tasks)
         3. train only the adapter on T_t
         4. merge it into the weights
-        5. evaluate every task seen so far -> row t of R
+        5. evaluate every task seen so far -> row t of R (scores) and of R_loss (answer NLL)
 
-After every stage the run folder gets, atomically: the init diagnostics and initial factors, the trained adapter
-(PEFT format), the loss curve, every generation with its score, and the R row. `resume=True` rebuilds the merged
-model from those files and continues after the last finished step, ending with the same results.
+After every stage the run folder gets, atomically: the init diagnostics and initial factors, the stage's key, the
+trained adapter (PEFT format), the loss curve, every generation with its score and answer NLL, the R row, and the
+wall time of each step (timing.json, the only file that differs between two runs of the same config).
+`resume=True` rebuilds the merged model from those files and continues after the last finished step, ending with
+the same results. With a `SharedWork` store (studies), a stage whose key another run already finished is copied
+from it instead of being trained and evaluated again (see sharing.py).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import os
 import random
 import shutil
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ..data.prompts import make_batches
@@ -33,6 +38,7 @@ from ..data.sequences import load_sequence
 from ..data.tasks import Example, Task, load_task
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
+from ..eval.loss import answer_losses
 from ..eval.tasks import evaluate_task
 from ..init import InitConfig, init_adapter
 from ..init.decompose import absorb
@@ -41,9 +47,12 @@ from ..io import write_json, write_text, write_with
 from ..models import load_model
 from ..report.runs import write_run_summary
 from .config import RunConfig, from_dict
+from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
 from .train import train_adapter
 
 ABSORBING = ("lora_ga", "loram", "slice")
+# InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
+RUN_DEPENDENT = ("seconds", "gradients_from_cache", "gradient_sets_from_cache")
 
 
 # --- data for one stage ----------------------------------------------------------------------------------------
@@ -54,24 +63,34 @@ def replay_buffer(task: Task, size: int, seed: int) -> list[Example]:
     return rng.sample(task.train, min(size, len(task.train)))
 
 
-def training_examples(task: Task, past: list[Task], config: RunConfig) -> list[Example]:
-    """The task's train split (capped by train.max_examples), plus experience replay when train.replay_examples > 0."""
-    examples = task.train
-    if config.train.max_examples is not None and len(examples) > config.train.max_examples:
-        examples = random.Random(f"{config.seed}:{task.name}:train").sample(examples, config.train.max_examples)
+def stage_groups(tasks: list[Task], config: RunConfig) -> list[list[Task]]:
+    """The tasks each stage learns: one per stage, or all of them in one stage (train.multitask: the joint-training
+    reference, the upper bound that continual methods are compared with)."""
+    return [list(tasks)] if config.train.multitask else [[task] for task in tasks]
+
+
+def training_examples(learn: list[Task], past: list[Task], config: RunConfig) -> list[Example]:
+    """The train split of each task learned at this stage (each capped by train.max_examples), plus experience
+    replay when train.replay_examples > 0."""
+    examples = []
+    for task in learn:
+        chosen = task.train
+        if config.train.max_examples is not None and len(chosen) > config.train.max_examples:
+            chosen = random.Random(f"{config.seed}:{task.name}:train").sample(chosen, config.train.max_examples)
+        examples = examples + chosen
     for old in past if config.train.replay_examples else []:
         examples = examples + replay_buffer(old, config.train.replay_examples, config.seed)
     return examples
 
 
-def init_batches(task: Task, past: list[Task], config: RunConfig, tokenizer, stage: int):
-    """SLICE's gradient batches: S of the current task, and S per past task (each_task) or S in all (all_tasks)."""
+def init_batches(learn: list[Task], past: list[Task], config: RunConfig, tokenizer, stage: int):
+    """SLICE's gradient batches: S of the current task(s), and S per past task (each_task) or S in all (all_tasks)."""
     cfg = config.init
     if cfg.method in ("vanilla", "loram"):  # data-free inits
         return [], []
     kw = dict(tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=config.train.max_length,
               loss_on=cfg.loss_on, seed=config.seed + stage, num_batches=cfg.batches)
-    current = make_batches(task.train, **kw)
+    current = make_batches([ex for task in learn for ex in task.train], **kw)
     if cfg.method != "slice" or not past:
         return current, []
     buffers = [replay_buffer(old, cfg.replay_buffer, config.seed) for old in past]
@@ -86,11 +105,15 @@ def lora_config(config: RunConfig) -> LoraConfig:
                       target_modules=list(a.targets), init_lora_weights=True)
 
 
-def init_config(config: RunConfig, stage: int) -> InitConfig:
+def init_config(config: RunConfig, stage: int, shared: SharedWork | None = None) -> InitConfig:
+    """The init library's settings for stage `stage`; gradient passes under bf16 autocast when training uses it
+    (init.autocast), gradients cached in the shared store's folder when there is one."""
     c = config.init
     return InitConfig(lora_ga_variant=c.lora_ga_variant, selection=c.selection, strength=c.strength, gate=c.gate,
                       surgery_mode=c.surgery_mode, seed=config.seed + stage, offload_to_cpu=c.offload_to_cpu,
-                      gradient_checkpointing=config.train.gradient_checkpointing, targets=tuple(config.adapter.targets))
+                      gradient_checkpointing=config.train.gradient_checkpointing, targets=tuple(config.adapter.targets),
+                      autocast=c.autocast and config.train.bf16,
+                      gradient_cache_dir=shared.gradient_cache() if shared is not None else None)
 
 
 # --- run folder ------------------------------------------------------------------------------------------------
@@ -138,6 +161,9 @@ def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
 def _save_adapter(path: Path, model: PeftModel) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    for config in model.peft_config.values():  # a set is saved in hash order, which changes between processes
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
     model.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
@@ -189,10 +215,12 @@ def run(
     base_general: dict | None = None,
     accelerator: Accelerator | None = None,
     on_stage: Callable[[int, torch.nn.Module], None] | None = None,
+    shared: SharedWork | None = None,
 ) -> Path:
     """Run `config` into `run_dir` (or resume it there) and return the folder. `base_general` reuses the base
     model's general-ability scores computed elsewhere (e.g. by `compare`, once for every method). `on_stage(t,
-    model)` is called with the merged model after each stage (e.g. to inspect or save it)."""
+    model)` is called with the merged model after each stage (e.g. to inspect or save it). `shared` (a study's
+    store) lets stages and scores that another run already computed with the same key be copied, not recomputed."""
     run_dir = Path(run_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -209,82 +237,157 @@ def run(
         write_json(run_dir / "tasks.json", [task.name for task in tasks])
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model, tokenizer = load_model(config.model, dtype=dtype, device=accelerator.device)
-    general = _general(run_dir, config, model, tokenizer, "base", base_general, accelerator)
+    key = model_key(config.model, model)
+    general = _general(run_dir, config, model, tokenizer, "base", base_general, accelerator, shared, key)
 
-    for t, task in enumerate(tasks, start=1):
-        folder = stage_dir(run_dir, t)
+    groups = stage_groups(tasks, config)
+    for t, learn in enumerate(groups, start=1):
+        folder, seen = stage_dir(run_dir, t), [task for group in groups[:t] for task in group]
         if (folder / "scores.json").is_file():  # finished earlier: replay its weight change
             model = rebuild_stage(model, folder, config)
+            key = _read_key(folder)
             continue
+        timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").is_file() else {}
         if (folder / "train.json").is_file():  # trained and saved, not yet evaluated
             model = rebuild_stage(model, folder, config)
+            key = _read_key(folder)
         else:
-            # 1. a fresh adapter on the current merged model
-            peft_model = get_peft_model(model, lora_config(config))
-            # 2. initialise it
-            current, replay = init_batches(task, tasks[:t - 1], config, tokenizer, t)
-            report = init_adapter(peft_model, config.init.method, init_config(config, t),
-                                  current=current[shard[0]::shard[1]], replay=replay[shard[0]::shard[1]] or None)
-            factors = initial_factors(peft_model) if config.init.method in ABSORBING else {}
-            _fault_point(t, "init")
-            # 3. train only the adapter
-            curve = train_adapter(peft_model, tokenizer, training_examples(task, tasks[:t - 1], config),
-                                  config.train, accelerator, seed=config.seed + 1000 * t, desc=f"stage {t} train")
-            _fault_point(t, "train")
-            if main:
-                if factors:
-                    write_with(folder / "init_factors.safetensors", lambda p: save_file(factors, str(p)))
-                write_json(folder / "init.json", {**report.to_dict(), "stage": t, "task": task.name,
-                                                  "tau": config.init.gate})
-                _save_adapter(folder / "adapter", peft_model)
-                write_json(folder / "train.json", curve)
-            accelerator.wait_for_everyone()
-            # 4. merge
-            model = peft_model.merge_and_unload()
-            del peft_model
+            model, key, timing = _learn(model, tokenizer, learn, seen, t, config, key, folder, accelerator, shared)
         if on_stage is not None:
             on_stage(t, model)
-        # 5. evaluate every task seen so far
-        scores, truncated, generations = {}, {}, []
-        for seen in tasks[:t]:
-            metric = seen.metric if config.eval.scoring == "paper" else seen.native_metric
-            records = evaluate_task(model, tokenizer, seen, examples=config.eval.examples, metric=metric,
-                                    max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-                                    max_prompt_length=config.train.max_length, shard=shard)
-            records = sorted(gather_object(records) if shard[1] > 1 else records, key=lambda r: r["index"])
-            scores[seen.name] = sum(r["score"] for r in records) / len(records)
-            truncated[seen.name] = sum(r["prompt_truncated"] for r in records)
-            generations += records
+        # 5. evaluate every task seen so far (or copy the scores of the same stage computed elsewhere)
+        source = shared.find_stage(key) if shared is not None and key else None
+        start = time.perf_counter()
+        if source is None:
+            generations, scores = _evaluate(model, tokenizer, seen, config, shard)
         _fault_point(t, "eval")
         if main:
-            write_text(folder / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generations))
-            write_json(folder / "scores.json", {"stage": t, "task": task.name, "scores": scores,
-                                                "truncated_prompts": truncated})
+            if source is None:
+                write_text(folder / "generations.jsonl",
+                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generations))
+                write_json(folder / "scores.json", {"stage": t, "task": _label(learn), **scores})
+            else:
+                for name in ("generations.jsonl", "scores.json"):
+                    write_with(folder / name, lambda p, name=name: shutil.copyfile(source / name, p))
+            write_json(folder / "timing.json", {**timing, "eval": time.perf_counter() - start})
+            if shared is not None and source is None:
+                shared.publish_stage(key, folder)
             write_run_summary(run_dir)
         accelerator.wait_for_everyone()
 
-    _general(run_dir, config, model, tokenizer, "final", general, accelerator)
+    _general(run_dir, config, model, tokenizer, "final", general, accelerator, shared, key)
     if main:
         write_run_summary(run_dir)
     accelerator.wait_for_everyone()
     return run_dir
 
 
-def _general(run_dir: Path, config: RunConfig, model, tokenizer, which: str, known: dict | None, accelerator) -> dict:
-    """GP/IP scores of the base model ("base") or after the last stage ("final"), kept in general.json."""
+def _learn(model, tokenizer, learn: list[Task], seen: list[Task], t: int, config: RunConfig, key: str | None,
+           folder: Path, accelerator: Accelerator, shared: SharedWork | None) -> tuple[torch.nn.Module, str, dict]:
+    """Steps 1-4 of stage t, which learns `learn` (`seen` = the tasks learned so far, these included): a fresh
+    adapter, its init, training (or the adapter trained from this very state found in `shared`), the stage's files,
+    the merge. Returns the merged model, the stage's key and the step times."""
+    past, main = seen[:len(seen) - len(learn)], accelerator.is_main_process
+    shard = (accelerator.process_index, accelerator.num_processes)
+    start = time.perf_counter()
+    # 1. a fresh adapter on the current merged model
+    peft_model = get_peft_model(model, lora_config(config))
+    # 2. initialise it
+    current, replay = init_batches(learn, past, config, tokenizer, t)
+    report = init_adapter(peft_model, config.init.method, init_config(config, t, shared),
+                          current=current[shard[0]::shard[1]], replay=replay[shard[0]::shard[1]] or None)
+    factors = initial_factors(peft_model)
+    keys = {"before": key, "after": key and stage_key(key, stage_settings(config), seen, t, factors,
+                                                      config.init.method in ABSORBING)}
+    source = shared.find_stage(keys["after"]) if shared is not None and key else None
+    _fault_point(t, "init")
+    timing = {"init": time.perf_counter() - start, "gradient_sets_from_cache": report.gradient_sets_from_cache,
+              "shared": source is not None}
+    start = time.perf_counter()
+    # 3. train only the adapter (or take the adapter trained from this very state elsewhere)
+    if source is None:
+        curve = train_adapter(peft_model, tokenizer, training_examples(learn, past, config),
+                              config.train, accelerator, seed=config.seed + 1000 * t, desc=f"stage {t} train")
+        timing["train"] = curve.pop("seconds")
+    else:
+        set_peft_model_state_dict(peft_model, load_file(str(source / "adapter" / "adapter_model.safetensors")))
+        curve = json.loads((source / "train.json").read_text())
+        timing["train"] = time.perf_counter() - start
+    _fault_point(t, "train")
+    if main:
+        write_with(folder / "init_factors.safetensors", lambda p: save_file(factors, str(p)))
+        record = {k: v for k, v in report.to_dict().items() if k not in RUN_DEPENDENT}
+        write_json(folder / "init.json", {**record, "stage": t, "task": _label(learn), "tau": config.init.gate})
+        write_json(folder / KEY_FILE, keys)
+        if source is None:
+            _save_adapter(folder / "adapter", peft_model)
+        else:
+            copy_tree(source / "adapter", folder / "adapter")
+        write_json(folder / "timing.json", timing)
+        write_json(folder / "train.json", curve)  # last: its presence marks the stage as trained
+    accelerator.wait_for_everyone()
+    # 4. merge
+    return peft_model.merge_and_unload(), keys["after"], timing
+
+
+def _evaluate(model, tokenizer, seen: list[Task], config: RunConfig, shard: tuple[int, int]) -> tuple[list, dict]:
+    """Every seen task's scored examples: greedy generations with their scores, and the answer's per-token NLL under
+    teacher forcing (the continuous companion of the score). Returns the records and scores.json's fields."""
+    generations, scores, losses, truncated = [], {}, {}, {}
+    for task in seen:
+        metric = task.metric if config.eval.scoring == "paper" else task.native_metric
+        records = evaluate_task(model, tokenizer, task, examples=config.eval.examples, metric=metric,
+                                max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                                max_prompt_length=config.train.max_length, shard=shard)
+        nll = answer_losses(model, tokenizer, [task.heldout[r["index"]] for r in records],
+                            batch_size=config.eval.batch_size, max_length=config.train.max_length)
+        for record, (total, count) in zip(records, nll):
+            record.update(nll=total / count, answer_tokens=count)
+        records = sorted(gather_object(records) if shard[1] > 1 else records, key=lambda r: r["index"])
+        scores[task.name] = sum(r["score"] for r in records) / len(records)
+        losses[task.name] = sum(r["nll"] for r in records) / len(records)
+        truncated[task.name] = sum(r["prompt_truncated"] for r in records)
+        generations += records
+    return generations, {"scores": scores, "losses": losses, "truncated_prompts": truncated}
+
+
+def _label(learn: list[Task]) -> str:
+    return " & ".join(task.name for task in learn)
+
+
+def _read_key(folder: Path) -> str | None:
+    """A finished stage's key (None for stages written before keys existed: no sharing after them)."""
+    path = folder / KEY_FILE
+    return json.loads(path.read_text())["after"] if path.is_file() else None
+
+
+def stage_settings(config: RunConfig) -> dict:
+    """The settings a stage's results depend on besides its initial factors and tasks (see sharing.stage_key)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("init", "general", "sequence")}
+
+
+def _general(run_dir: Path, config: RunConfig, model, tokenizer, which: str, known: dict | None, accelerator,
+             shared: SharedWork | None, key: str | None) -> dict:
+    """GP/IP scores of the base model ("base") or after the last stage ("final"), kept in general.json; taken from
+    `known` (base only) or from `shared` when the same model was scored there with the same settings."""
     path = run_dir / "general.json"
     general = json.loads(path.read_text()) if path.is_file() else {}
     if which == "base" and known and "base" in known:
         general["base"] = known["base"]
+    g = config.general
+    share_key = general_key(key, {**asdict(g), "seed": config.seed}) if shared is not None and key else None
+    if config.general.enabled and which not in general and share_key and shared.find_general(share_key):
+        general[which] = shared.find_general(share_key)
     if not config.general.enabled or which in general:
         if accelerator.is_main_process and general:
             write_json(path, general)
         return general
-    g = config.general
     if accelerator.is_main_process:
         general[which] = general_scores(model, tokenizer, GeneralConfig(
             limit=g.limit, shots=g.shots, seed=config.seed, batch_size=g.batch_size, max_length=g.max_length,
             benchmarks=tuple(g.benchmarks)))
         write_json(path, general)
+        if share_key:
+            shared.publish_general(share_key, general[which])
     accelerator.wait_for_everyone()
     return general

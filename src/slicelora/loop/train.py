@@ -19,19 +19,11 @@ from transformers import get_linear_schedule_with_warmup
 from ..data.prompts import make_batches
 from ..data.tasks import Example
 from ..errors import ConfigError
+from ..init.gradients import bf16_supported
 from ..models import set_checkpointing
 from .config import TrainSection
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast is fast and exact enough here (native bf16 on the GPU or the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
-        torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return bool(cpu)
 
 
 def rank_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,175 @@
+"""`slicelora study --plan`: the cells, the work they share, and a time estimate from a short calibration.
+
+Sharing is predicted from settings alone (what is known before running): SLICE's first stage has no replay, so it
+equals LoRA-GA paper with the same gradient settings; cells whose effective settings agree up to a stage share it.
+The run itself shares at least this much, and more when SLICE's gate does not fire (its stages then equal the
+other SLICE variants'), since it keys stages by their actual initial factors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from ..data.prompts import make_batches
+from ..data.sequences import load_sequence
+from ..data.tasks import load_task
+from ..loop.config import RunConfig
+from ..loop.stages import stage_groups, stage_settings
+from .spec import Study
+
+
+def _h(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def effective_init(config: RunConfig, stage: int) -> tuple:
+    """What a stage's init depends on besides the model: SLICE without replay (stage 1) is LoRA-GA paper."""
+    c = config.init
+    if c.method in ("vanilla", "loram"):
+        return (c.method,)
+    grads = (c.batches, c.batch_size, c.loss_on, c.autocast)
+    variant = c.lora_ga_variant if c.method == "lora_ga" else "paper"
+    base = ("gradient", variant, c.selection if variant == "paper" else None, grads)
+    if c.method == "slice" and stage > 1:
+        return base + (c.strength, c.gate, c.surgery_mode, c.replay_buffer, c.replay_batching)
+    return base
+
+
+@dataclass
+class Work:
+    """Unique units of work of a grid (after sharing) and their counts before sharing."""
+
+    stages: Counter          # (signature) -> cells that reach it
+    gradient_batches: int    # after sharing
+    gradient_batches_all: int
+    train_batches: int
+    train_batches_all: int
+    eval_examples: int
+    eval_examples_all: int
+
+
+def count_work(study: Study) -> Work:
+    """Walk every cell's stages with predicted signatures; return the unique work."""
+    stages: Counter = Counter()
+    grads_seen = set()
+    work = Work(stages, 0, 0, 0, 0, 0, 0)
+    for cell in study.cells():
+        config = study.config(cell)
+        refs = load_sequence(config.sequence).tasks
+        tasks = [load_task(r, config.data_dirs or None, heldout_size=config.eval.heldout_size, seed=config.seed,
+                           allow_reasoning_variant=config.allow_reasoning_variant) for r in refs]
+        sig = _h(config.model, config.seed)
+        groups = stage_groups(tasks, config)
+        for t, learn in enumerate(groups, start=1):
+            seen = [task for group in groups[:t] for task in group]
+            past = seen[:len(seen) - len(learn)]
+            n_train = sum(min(len(task.train), config.train.max_examples or len(task.train)) for task in learn)
+            n_train += sum(min(config.train.replay_examples, len(p.train)) for p in past)
+            train = math.ceil(n_train / config.train.batch_size) * config.train.epochs
+            evals = sum(min(config.eval.examples, len(s.heldout)) for s in seen)
+            names = tuple(task.name for task in learn)
+            grad_sets = []
+            if config.init.method in ("lora_ga", "slice"):
+                grad_sets.append(((sig, "current", names, config.init.batches, config.init.batch_size,
+                                   config.init.loss_on, config.init.autocast), config.init.batches))
+                if config.init.method == "slice" and t > 1:
+                    n = config.init.batches * ((t - 1) if config.init.replay_batching == "each_task" else 1)
+                    grad_sets.append(((sig, "replay", config.init.batch_size, config.init.loss_on,
+                                       config.init.replay_buffer, config.init.replay_batching, config.init.autocast), n))
+            new = _h(sig, effective_init(config, t), stage_settings(config), t, names)
+            first = new not in stages
+            stages[new] += 1
+            for key, n in grad_sets:
+                work.gradient_batches_all += n
+                if key not in grads_seen:
+                    grads_seen.add(key)
+                    work.gradient_batches += n
+            work.train_batches_all += train
+            work.eval_examples_all += evals
+            if first:
+                work.train_batches += train
+                work.eval_examples += evals
+            sig = new
+    return work
+
+
+def calibrate(study: Study) -> dict[str, float]:
+    """Seconds per training batch, per gradient batch and per scored example, measured on the first cell's model
+    and first task (a few batches each)."""
+    import torch
+    from peft import get_peft_model
+
+    from ..eval.tasks import evaluate_task
+    from ..init.gradients import accumulate_gradients
+    from ..loop.stages import lora_config
+    from ..init.gradients import bf16_supported
+    from ..models import load_model
+
+    config = study.config(study.cells()[0])
+    task = load_task(load_sequence(config.sequence).tasks[0], config.data_dirs or None,
+                     heldout_size=config.eval.heldout_size, seed=config.seed,
+                     allow_reasoning_variant=config.allow_reasoning_variant)
+    model, tokenizer = load_model(config.model)
+    peft_model = get_peft_model(model, lora_config(config))
+    device = torch.device("cpu")
+    autocast = config.train.bf16 and bf16_supported(device)
+    batches = make_batches(task.train, tokenizer, config.train.batch_size, config.train.max_length,
+                           config.train.loss_on, seed=0, num_batches=3)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-6)
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    train = sum(times[1:]) / len(times[1:])
+    grad_batches = make_batches(task.train, tokenizer, config.init.batch_size, config.train.max_length,
+                                config.init.loss_on, seed=0, num_batches=2)
+    start = time.perf_counter()
+    accumulate_gradients(peft_model, grad_batches, targets=tuple(config.adapter.targets))
+    grad = (time.perf_counter() - start) / len(grad_batches)
+    n = min(config.eval.batch_size, len(task.heldout), 16)
+    start = time.perf_counter()
+    evaluate_task(peft_model, tokenizer, task, examples=n, metric=task.metric,
+                  max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                  max_prompt_length=config.train.max_length)
+    return {"train_batch": train, "gradient_batch": grad * (0.45 if config.init.autocast and autocast else 1.0),
+            "eval_example": (time.perf_counter() - start) / n}
+
+
+def plan_study(study: Study, *, workers: int = 1, measure: bool = True) -> str:
+    """A Markdown plan: the grid, what is shared, and (with `measure`) the estimated compute and wall time."""
+    work = count_work(study)
+    cells = study.cells()
+    lines = [f"# Study plan: {len(cells)} cells = {len(study.variants)} variants x {len(study.sequences)} sequences "
+             f"x {len(study.seeds)} seeds", "",
+             "| sequence | tasks |", "| --- | --- |"]
+    lines += [f"| {label} | {', '.join(load_sequence(spec).tasks)} |" for label, spec in study.sequences.items()]
+    lines += ["", f"variants: {', '.join(study.variants)}; seeds: {study.seeds}; reference: {', '.join(study.reference)}",
+              "", "## Shared work (predicted from the settings; the run shares at least this)", "",
+              f"- stages: {sum(work.stages.values())} in all, {len(work.stages)} computed "
+              f"({sum(work.stages.values()) - len(work.stages)} copied from another cell)",
+              f"- gradient batches: {work.gradient_batches_all} asked, {work.gradient_batches} computed",
+              f"- training batches: {work.train_batches_all} asked, {work.train_batches} computed",
+              f"- scored examples: {work.eval_examples_all} asked, {work.eval_examples} computed"]
+    if measure:
+        cost = calibrate(study)
+        seconds = (work.gradient_batches * cost["gradient_batch"] + work.train_batches * cost["train_batch"]
+                   + work.eval_examples * cost["eval_example"])
+        alone = (work.gradient_batches_all * cost["gradient_batch"] + work.train_batches_all * cost["train_batch"]
+                 + work.eval_examples_all * cost["eval_example"])
+        lines += ["", "## Estimate (calibrated on this machine, one thread per worker)", "",
+                  f"- per training batch {cost['train_batch']:.2f} s, per gradient batch "
+                  f"{cost['gradient_batch']:.2f} s, per scored example {cost['eval_example']:.2f} s",
+                  f"- compute: {seconds / 60:.0f} min with sharing ({alone / 60:.0f} min without); wall time with "
+                  f"{workers} worker(s): about {seconds / 60 / max(workers, 1):.0f} min, plus model loading and "
+                  "GP/IP evaluation when enabled"]
+    return "\n".join(lines) + "\n"

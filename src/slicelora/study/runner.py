@@ -1,0 +1,135 @@
+"""Run a study's grid into one folder: one run folder per cell, work shared between cells, resumable.
+
+    STUDY/study.json                         the study (refused if a different one is asked for later)
+    STUDY/cells/<sequence>/<variant>/seed<s>  each cell's run folder (the `slicelora run` format)
+    STUDY/.shared/                           keys of finished stages and general scores; the gradient cache
+
+Cells run grouped by (sequence, seed): the cells of a group start from the same base model and data, so that is
+where stages and gradients are shared. With `workers > 1` each worker process (one CPU thread each) claims whole
+groups in turn; the claims belong to one invocation, so a resumed study reassigns unfinished groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from ..data.sequences import load_sequence
+from ..errors import RunStateError
+from ..io import write_json
+from ..loop.sharing import SharedWork
+from ..loop.stages import run, stage_dir
+from .spec import Cell, Study, differing_keys, parse_study
+
+STUDY_FILE = "study.json"
+
+
+def prepare_study_dir(out: Path, study: Study, resume: bool) -> None:
+    """Refuse a folder that is a run, holds another study, or holds this study's results without --resume; then
+    write study.json."""
+    if (out / "config.json").is_file():
+        raise RunStateError(f"{out} is a run folder (it has config.json); give a new folder for the study.")
+    saved = out / STUDY_FILE
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text())["spec"]
+        except (ValueError, KeyError, OSError) as exc:
+            raise RunStateError(f"{saved} cannot be read ({exc}); choose another --output folder.") from None
+        differ = differing_keys(previous, study.to_dict())
+        if differ:
+            raise RunStateError(f"{out} holds another study: {', '.join(differ)} differ from this study file. "
+                                "Choose another --output folder, or run the study file that made it.")
+        if not resume and (out / "cells").exists():
+            raise RunStateError(f"{out} already has results of this study; pass --resume to continue it.")
+    elif out.exists() and any(out.iterdir()):
+        raise RunStateError(f"{out} is not empty and holds no study; choose an empty or new --output folder.")
+    write_json(saved, {"spec": study.to_dict(), "cells": [{"sequence": c.sequence, "variant": c.variant,
+                                                           "seed": c.seed, "dir": c.dir} for c in study.cells()]})
+
+
+def read_study(out: Path) -> Study:
+    """The study a folder holds (from its study.json)."""
+    path = Path(out) / STUDY_FILE
+    if not path.is_file():
+        raise RunStateError(f"{out} is not a study folder: it has no {STUDY_FILE}.")
+    return parse_study(json.loads(path.read_text())["spec"], str(path))
+
+
+def cell_done(study: Study, out: Path, cell: Cell) -> bool:
+    """Whether a cell's run finished (last stage scored, and final GP/IP when they are on)."""
+    folder = out / cell.dir
+    config = study.config(cell)
+    if not (stage_dir(folder, len(load_sequence(config.sequence).tasks)) / "scores.json").is_file():
+        return False
+    general = folder / "general.json"
+    return not config.general.enabled or (general.is_file() and "final" in json.loads(general.read_text()))
+
+
+def groups(study: Study) -> list[tuple[str, int]]:
+    return [(seq, seed) for seq in study.sequences for seed in study.seeds]
+
+
+def run_cells(study: Study, out: Path, *, session: str | None = None, accelerator=None, log=print) -> None:
+    """Run every unfinished cell, group by group. With `session`, only groups this process claims first (other
+    workers of the same session take the rest)."""
+    for seq, seed in groups(study):
+        cells = [c for c in study.cells() if (c.sequence, c.seed) == (seq, seed)]
+        if all(cell_done(study, out, c) for c in cells) or (session and not _claim(out, session, seq, seed)):
+            continue
+        shared = SharedWork(out / ".shared", out / ".shared" / "gradients" / f"{seq}-seed{seed}")
+        for cell in cells:
+            if cell_done(study, out, cell):
+                continue
+            start = time.perf_counter()
+            run(study.config(cell), out / cell.dir, resume=True, accelerator=accelerator, shared=shared)
+            log(f"{cell.dir}: {time.perf_counter() - start:.0f} s")
+        shutil.rmtree(shared.gradients, ignore_errors=True)  # no later group starts from these models
+
+
+def _claim(out: Path, session: str, seq: str, seed: int) -> bool:
+    claims = out / ".claims" / session
+    claims.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(claims / f"{seq}-seed{seed}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def run_study(study: Study, out: str | Path, *, resume: bool = False, workers: int = 1, accelerator=None,
+              log=print) -> Path:
+    """Run the grid into `out` (see the module docstring) and return it. The summary is the report layer's job."""
+    out = Path(out)
+    prepare_study_dir(out, study, resume)
+    if workers <= 1:
+        run_cells(study, out, accelerator=accelerator, log=log)
+        return out
+    session = uuid.uuid4().hex[:8]
+    (out / "logs").mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    procs = []
+    for k in range(workers):
+        with open(out / "logs" / f"worker-{k}.log", "ab") as logfile:
+            procs.append(subprocess.Popen([sys.executable, "-m", "slicelora.study.worker", str(out), session],
+                                          stdout=logfile, stderr=subprocess.STDOUT, env=env))
+    cells = study.cells()
+    from tqdm.auto import tqdm  # noqa: PLC0415 - only the parent of workers shows this bar
+
+    with tqdm(total=len(cells), desc="study cells", unit="cell") as bar:
+        while any(p.poll() is None for p in procs):
+            time.sleep(5)
+            bar.n = sum(cell_done(study, out, c) for c in cells)
+            bar.refresh()
+        bar.n = sum(cell_done(study, out, c) for c in cells)
+        bar.refresh()
+    failed = [k for k, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise RunStateError(f"study worker(s) {failed} failed; see {out / 'logs'}/worker-K.log. Fix the cause and "
+                            "rerun with --resume: finished stages are kept.")
+    return out
