@@ -1,4 +1,4 @@
-"""Cost of mining adversarial sequences (SPEC 6).
+"""Cost of mining adversarial sequences (docs/method.md).
 
 1. The exhaustive search for the `size` most opposed of `tasks` tasks (paper: 5 of 46, 1,370,754 subsets) from a
    random symmetric cosine matrix with a fixed seed. Goal: under 10 s on 2 cores. Beam and greedy are timed too.

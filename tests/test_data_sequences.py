@@ -11,7 +11,7 @@ from slicelora.data.tasks import REPO_DATA_DIR, load_task
 from slicelora.errors import DataError
 
 SHIPPED = [REPO_DATA_DIR]
-SPEC = {  # SPEC 5, in order
+PAPER = {  # the paper's sequences, in order
     "ni-seq-g1": ["618", "1290", "589", "511", "1357"],
     "ni-seq-g2": ["1355", "141", "619", "163", "002"],
     "trace": ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm"],
@@ -30,8 +30,8 @@ SPEC = {  # SPEC 5, in order
 
 def test_registry_matches_spec() -> None:
     names = list_sequences()
-    assert names[: len(SPEC) + 1] == [*SPEC, "demo"]
-    for name, tasks in SPEC.items():
+    assert names[: len(PAPER) + 1] == [*PAPER, "demo"]
+    for name, tasks in PAPER.items():
         assert load_sequence(name) == Sequence(name, tasks)
 
 
@@ -44,7 +44,7 @@ def test_mined_sequences_resolve_to_shipped_tasks() -> None:
 
 
 def test_names_are_case_and_separator_insensitive() -> None:
-    assert load_sequence("NI-Seq-G1") == load_sequence("ni_seq_g1") == Sequence("ni-seq-g1", SPEC["ni-seq-g1"])
+    assert load_sequence("NI-Seq-G1") == load_sequence("ni_seq_g1") == Sequence("ni-seq-g1", PAPER["ni-seq-g1"])
 
 
 def test_sapt_orders_and_demo_resolve_to_shipped_tasks() -> None:

@@ -1,16 +1,19 @@
-"""Answer NLL: batched values against a direct one-example-at-a-time cross-entropy on the training encoding."""
+"""Answer NLL: batched values against a direct one-example-at-a-time cross-entropy on the training encoding, and
+the values scored on the generation's KV cache against `answer_losses`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import toy_examples
+from conftest import toy_examples, wrap
 
-from slicelora.data.prompts import IGNORE_INDEX, encode_example
+from slicelora.data.prompts import IGNORE_INDEX, encode_example, encode_prompt
 from slicelora.data.tasks import Example
 from slicelora.errors import DataError
-from slicelora.eval.loss import answer_losses
+from slicelora.eval import loss
+from slicelora.eval.generate import generate
+from slicelora.eval.loss import answer_losses, generate_and_score
 from slicelora.models import tiny_llama
 
 MAX_LENGTH = 80
@@ -58,3 +61,64 @@ def test_answer_losses_reject_an_empty_answer(lively, tokenizer, examples):
     with pytest.raises(DataError, match=r"example 1 .*answer ''"):
         answer_losses(lively, tokenizer, [examples[0], Example("Say nothing.", "", ("",))], batch_size=2,
                       max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def mixed_examples(examples) -> list[Example]:
+    # Besides `examples`: a prompt that fits generation's 80 tokens but not beside its long answer, and a long one
+    # that fits beside its short answer.
+    return [*examples, Example("p" * 40, "a fairly long answer here", ("x",)), Example("q" * 55, "ok", ("ok",))]
+
+
+def fallbacks(tokenizer, examples: list[Example], max_prompt_length: int) -> int:
+    """Examples whose teacher-forced context is not generation's prompt: cut by one of the two bounds."""
+    return sum(encode_example(tokenizer, ex, MAX_LENGTH, loss_on="answer").truncated
+               or encode_prompt(tokenizer, ex.prompt, max_prompt_length)[1] for ex in examples)
+
+
+def check_generate_and_score(model, tokenizer, examples, batch_size, max_prompt_length, monkeypatch) -> None:
+    passes = []  # the number of examples of each separate (`answer_losses`) pass
+    separate = loss.suffix_logprobs
+
+    def counted(model, tokenizer, rows, *args, **kwargs):
+        passes.append(len(rows))
+        return separate(model, tokenizer, rows, *args, **kwargs)
+
+    monkeypatch.setattr(loss, "suffix_logprobs", counted)
+    model.train()
+    texts, got = generate_and_score(model, tokenizer, examples, max_new_tokens=12, batch_size=batch_size,
+                                    max_prompt_length=max_prompt_length, max_length=MAX_LENGTH, desc="test")
+    assert model.training  # training mode restored
+    assert passes == [fallbacks(tokenizer, examples, max_prompt_length)]
+    assert 0 < passes[0] < len(examples)  # both routes ran
+    assert texts == generate(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=12,
+                             batch_size=batch_size, max_prompt_length=max_prompt_length)
+    expected = answer_losses(model, tokenizer, examples, batch_size=batch_size, max_length=MAX_LENGTH)
+    assert [n for _, n in got] == [n for _, n in expected]
+    assert [nll for nll, _ in got] == pytest.approx([nll for nll, _ in expected], abs=1e-4)
+
+
+@pytest.mark.parametrize(("batch_size", "max_prompt_length"), [(1, MAX_LENGTH), (3, MAX_LENGTH), (8, MAX_LENGTH),
+                                                               (3, 64)])
+def test_generate_and_score_equal_generate_and_answer_losses(lively, tokenizer, mixed_examples, batch_size,
+                                                             max_prompt_length, monkeypatch):
+    # max_prompt_length=64 cuts the longer prompts for generation only: those examples take the separate pass.
+    check_generate_and_score(lively, tokenizer, mixed_examples, batch_size, max_prompt_length, monkeypatch)
+
+
+def test_generate_and_score_on_a_peft_model(tokenizer, mixed_examples, monkeypatch):
+    model = wrap(tiny_llama(tokenizer, seed=3, initializer_range=0.2))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)  # an adapter that changes the function
+    check_generate_and_score(model, tokenizer, mixed_examples, 3, MAX_LENGTH, monkeypatch)
+
+
+def test_generate_and_score_rejects_an_empty_answer(lively, tokenizer, examples):
+    assert generate_and_score(lively, tokenizer, [], max_new_tokens=4, batch_size=2, max_prompt_length=MAX_LENGTH,
+                              max_length=MAX_LENGTH) == ([], [])
+    with pytest.raises(DataError, match=r"example 1 .*answer ''"):
+        generate_and_score(lively, tokenizer, [examples[0], Example("Say nothing.", "", ("",))], max_new_tokens=4,
+                           batch_size=2, max_prompt_length=MAX_LENGTH, max_length=MAX_LENGTH)

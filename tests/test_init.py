@@ -1,4 +1,4 @@
-"""The initialiser library against SPEC 3: surgery, decomposition, absorption, peft's LoRA-GA, gradients."""
+"""The initialiser library against docs/method.md: surgery, decomposition, absorption, peft's LoRA-GA, gradients."""
 
 from __future__ import annotations
 

@@ -230,7 +230,7 @@ def mine(
     seed: int = 42,
     allow_reasoning_variant: Annotated[bool, typer.Option(help="Train MeetingBank on TRACE's reasoning split.")] = True,
 ) -> None:
-    """Find the most opposed task subsets by gradient cosine on the base model (SPEC 6) and write a YAML of
+    """Find the most opposed task subsets by gradient cosine on the base model (docs/method.md, mining) and write a YAML of
     sequences that `slicelora run --sequence FILE.yaml:NAME` accepts."""
     from .data.tasks import list_tasks, load_task
     from .mining import SignatureSettings, mine as mine_tasks, write_mining_outputs

@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Llama naming of every linear projection inside a transformer block (SPEC 1).
+# Llama naming of every linear projection inside a transformer block (docs/method.md).
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 CHATML_TEMPLATE = (

@@ -1,4 +1,4 @@
-"""Loaders of the general-ability sets (SPEC 4: HellaSwag, CommonsenseQA, BBH object counting, Alpaca).
+"""Loaders of the general-ability sets (HellaSwag, CommonsenseQA, BBH object counting, Alpaca).
 
 The files ship in the repository's `data/general/` (see its README for sources and licences), each as `.json` /
 `.jsonl` or gzipped. Every loader validates what it reads and raises DataError naming the file, the line or item,

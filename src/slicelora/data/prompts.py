@@ -1,4 +1,4 @@
-"""From examples to token ids: chat formatting (SPEC 2), loss masks, left-truncation, padded batches.
+"""From examples to token ids: chat formatting (docs/method.md, Protocol), loss masks, left-truncation, padded batches.
 
 The prompt is the user turn (with the model's chat template, when it has one); the answer is the assistant turn.
 The answer's ids are always the suffix of the full ids, so a too-long example loses tokens from the LEFT of its

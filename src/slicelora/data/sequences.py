@@ -1,4 +1,4 @@
-"""Task sequences: the registry of SPEC 5 sequences (sequences.yaml, shipped in the package) and user YAML files.
+"""Task sequences: the registry of named sequences (sequences.yaml, shipped in the package) and user YAML files.
 
 A sequences file holds either several sequences or one:
 

@@ -8,7 +8,7 @@ Supported layouts (every file may be `.json` or `.json.gz`):
 - TRACE folder: `<Task>/{train,eval,test}.json`, each a JSON list of `{prompt, answer}` (held-out = test; eval unused).
 A folder's family is decided by its content: a `test` file holding an object is Super-NI, one holding a list is TRACE.
 
-Prompts follow SPEC 2: Super-NI "<Definition>\\n\\nInput: <input>" with the first output as the answer and every output
+Prompts follow docs/method.md (Protocol): Super-NI "<Definition>\\n\\nInput: <input>" with the first output as the answer and every output
 as a reference; TRACE "TRACE task: <name>\\n\\n<prompt>". Surrounding whitespace of the definition, input and outputs is
 stripped (some SAPT outputs carry stray spaces that would otherwise become training targets).
 """
@@ -32,7 +32,7 @@ from slicelora.errors import ConfigError, DataError
 ENV_VAR = "SLICELORA_DATA"
 REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "data"  # src/slicelora/data/tasks.py -> <repo>/data
 SEARCH_DEPTH = 3  # folder levels below a data dir searched for tasks: <dir>/superni/tasks/<task> is depth 3
-# Super-NI classification rule (our choice; SPEC 4 only says "classification tasks"): over the train split, the distinct
+# Super-NI classification rule (our choice; the paper only says "classification tasks"): over the train split, the distinct
 # outputs number at most MAX_LABELS, each at most MAX_LABEL_CHARS long, and each label is used twice on average.
 MAX_LABELS = 10
 MAX_LABEL_CHARS = 30
@@ -58,7 +58,7 @@ _NUMBER_REF = re.compile(r"(?:task)?(\d+)", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Example:
-    """One (prompt, answer) pair in the SPEC 2 layout, with every acceptable answer kept for scoring."""
+    """One (prompt, answer) pair in the protocol's layout, with every acceptable answer kept for scoring."""
 
     prompt: str
     answer: str

@@ -1,4 +1,4 @@
-"""General performance (GP, zero-shot) and in-context performance (IP, few-shot) of a model (SPEC 4).
+"""General performance (GP, zero-shot) and in-context performance (IP, few-shot) of a model (docs/method.md, Metrics).
 
 Benchmarks and scores, each in 0..100:
 - HellaSwag: log-likelihood of each " " + ending after the context, raw text (no chat template), as lm-eval-harness

@@ -5,6 +5,7 @@ step, and the positions a multiple-choice score needs are the last columns of ev
 tokens only (cumulative sum of the attention mask), so a padded row sees exactly the positions it would see alone.
 Multiple choice (`choice_logprobs`) runs each context once and scores all its choices from it (the last column's
 logits, then the context's KV cache), instead of one forward per (context, choice) as `sequence_logprobs` does.
+Generation can score given suffixes of its prompts the same way, on its own KV cache (`generate_ids`).
 
 Batched results equal one-at-a-time results up to float rounding, not bit for bit: the attention mask and positions
 make the maths identical, but CPU/GPU kernels round differently for different matrix shapes (a 1-row decode step
@@ -84,28 +85,67 @@ def generate(
     Prompts are sorted by length into batches of `batch_size` and decoded with the KV cache; the model runs in eval
     mode under inference_mode and gets its training mode back afterwards. `desc` turns on a progress bar.
     """
-    if batch_size < 1 or max_new_tokens < 1 or max_prompt_length < 1:
-        raise ConfigError(
-            f"generate: batch_size={batch_size}, max_new_tokens={max_new_tokens} and "
-            f"max_prompt_length={max_prompt_length} must be positive."
-        )
+    if max_prompt_length < 1:
+        raise ConfigError(f"generate: max_prompt_length={max_prompt_length} must be positive.")
     encoded = [encode_prompt(tokenizer, p, max_prompt_length)[0] for p in prompts]
-    order = _longest_first([len(e) for e in encoded])
-    pad_id, device = _pad_id(tokenizer), _model_device(model)
-    outputs = [""] * len(prompts)
+    return generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        desc=desc)[0]
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str | None = None,
+    suffixes: Sequence[Sequence[int] | None] | None = None,
+) -> tuple[list[str], list[float | None]]:
+    """`generate` on prompts given as token ids, and per prompt the sum of log p(suffix tokens | prompt) of its
+    entry in `suffixes` (a non-empty id list, or None: not scored; all None without `suffixes`), in input order.
+
+    The suffixes are scored on the generation's own KV cache, so the prompt is not run a second time: after a batch
+    is generated, its cache is cut back to all but the last prompt column (left padding puts every row's last
+    prompt token there) and one forward runs [last prompt token] + suffix[:-1] for the rows with a suffix, whose
+    logits then predict every suffix token, the first included (see `_continuation_logprobs`). The generation call
+    does not depend on `suffixes` (the cache is only read after it), so the texts are those of `generate`. One
+    batch's cache is held at a time.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ConfigError(f"generate: batch_size={batch_size} and max_new_tokens={max_new_tokens} must be positive.")
+    order = _longest_first([len(p) for p in prompts])
+    pad_id, device, cache_argument = _pad_id(tokenizer), _model_device(model), _cache_argument(model)
+    texts = [""] * len(prompts)
+    sums: list[float | None] = [None] * len(prompts)
     with evaluating(model), tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="ex") as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            ids, mask = _left_pad([encoded[i] for i in batch], pad_id, device)
+            ids, mask = _left_pad([prompts[i] for i in batch], pad_id, device)
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                do_sample=False, use_cache=True, pad_token_id=pad_id,
+                do_sample=False, use_cache=True, pad_token_id=pad_id, return_dict_in_generate=True,
             )
-            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-            for i, text in zip(batch, texts):
-                outputs[i] = text.strip()
+            decoded = tokenizer.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, decoded):
+                texts[i] = text.strip()
+            rows = [r for r, i in enumerate(batch) if suffixes is not None and suffixes[i] is not None]
+            if rows:
+                cache = getattr(out, cache_argument)  # the output field is named like the forward's argument
+                cache.crop(-(cache.get_seq_length() - ids.shape[1] + 1))  # a negative count: tokens to drop
+                if len(rows) < len(batch):
+                    cache.batch_select_indices(torch.tensor(rows, device=device))
+                scored = [list(suffixes[batch[r]]) for r in rows]
+                totals = _continuation_logprobs(
+                    model, cache, mask[rows, :-1], [[prompts[batch[r]][-1], *s[:-1]] for r, s in zip(rows, scored)],
+                    scored, pad_id, cache_argument,
+                )
+                for r, total in zip(rows, totals):
+                    sums[batch[r]] = total
+                del cache
+            del out  # this batch's cache goes before the next batch's generation starts
             bar.update(len(batch))
-    return outputs
+    return texts, sums
 
 
 def _score_ids(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
@@ -139,6 +179,33 @@ def _cache_argument(model) -> str:
     read from the forward of the model under any PEFT wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _continuation_logprobs(
+    model,
+    cache,
+    mask: torch.Tensor,
+    inputs: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    pad_id: int,
+    cache_argument: str,
+) -> list[float]:
+    """Per row r: the sum over j of log p(targets[r][j] | cache row r, inputs[r][:j + 1]), inputs[r] and targets[r]
+    of the same length, from one forward on `cache` (extended in place), whose rows' attention mask is `mask`.
+
+    The inputs are right-padded, after every real token, so no real token attends to padding; positions go on
+    from each row's real cached length (`mask`'s row sum); float32 log-softmax.
+    """
+    device = mask.device
+    input_ids, input_mask = _right_pad(inputs, pad_id, device)
+    target_ids, _ = _right_pad(targets, pad_id, device)
+    steps = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
+    logits = model(
+        input_ids=input_ids, attention_mask=torch.cat([mask, input_mask], dim=1),
+        position_ids=mask.sum(-1, keepdim=True) + steps, use_cache=True, **{cache_argument: cache},
+    ).logits
+    token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    return torch.where(input_mask.bool(), token_lp, 0.0).sum(-1).tolist()
 
 
 def suffix_logprobs(
@@ -268,16 +335,9 @@ def choice_logprobs(
                 chunk = longer[chunk_start:chunk_start + batch_size]
                 source = torch.tensor([m[0] for m in chunk], device=device)
                 rows_cache = DynamicCache([(k[source], v[source]) for k, v, *_ in cache], config=config)
-                inputs, input_mask = _right_pad([m[3][:-1] for m in chunk], pad_id, device)
-                targets, _ = _right_pad([m[3][1:] for m in chunk], pad_id, device)
-                steps = torch.arange(inputs.shape[1], device=device).unsqueeze(0)
-                logits = model(
-                    input_ids=inputs, attention_mask=torch.cat([mask[source], input_mask], dim=1),
-                    position_ids=mask[source].sum(-1, keepdim=True) + steps, use_cache=True,
-                    **{cache_argument: rows_cache},
-                ).logits
-                token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                for (_, i, j, _), lp in zip(chunk, torch.where(input_mask.bool(), token_lp, 0.0).sum(-1).tolist()):
+                chunk_lps = _continuation_logprobs(model, rows_cache, mask[source], [m[3][:-1] for m in chunk],
+                                                   [m[3][1:] for m in chunk], pad_id, cache_argument)
+                for (_, i, j, _), lp in zip(chunk, chunk_lps):
                     totals[i, j] += lp
             for _, i, j, cont in members:
                 results[i][j] = (totals[i, j], len(cont), len(continuations[i][j]))

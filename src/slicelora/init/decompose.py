@@ -1,5 +1,5 @@
 """From a gradient (or no data) to LoRA factors: seeded low-rank SVD, factor selection, DST-I bases,
-variance-matched magnitude, and absorption into the base weight (SPEC 3.1 steps 4-6, 3.2)."""
+variance-matched magnitude, and absorption into the base weight (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def select_factors(u: torch.Tensor, v: torch.Tensor, rank: int, selection: Selec
 
 
 def dst_basis(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The DST-I matrix of SPEC 3.2: for rows >= cols, entry (i, k) = sqrt(2/(rows+1)) sin((i+1)(k+1) pi/(rows+1)),
+    """The DST-I matrix of LoRAM: for rows >= cols, entry (i, k) = sqrt(2/(rows+1)) sin((i+1)(k+1) pi/(rows+1)),
     whose columns are orthonormal; for rows < cols, the transpose of the cols x rows one."""
     if rows < cols:
         return dst_basis(cols, rows, dtype).T.contiguous()
@@ -69,7 +69,7 @@ def product_variance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def variance_matched_scale(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
-    """beta with Var(beta B beta A) = Var(W) * log_m(r), m = min(d_out, d_in), r = the adapter rank (SPEC 3.1 step 5)."""
+    """beta with Var(beta B beta A) = Var(W) * log_m(r), m = min(d_out, d_in), r = the adapter rank."""
     rank = a.shape[0]
     m = min(weight.shape)
     if rank < 2:

@@ -231,7 +231,7 @@ def init_adapter(
     replay: Batches | None = None,
     adapter_name: str = "default",
 ) -> InitReport:
-    """Set the LoRA adapter `adapter_name` of a PEFT model by `method` (SPEC 3) and return what was done.
+    """Set the LoRA adapter `adapter_name` of a PEFT model by `method` (docs/method.md) and return what was done.
 
     `current`: batches of the task about to be learned (gradient methods). `replay`: batches of past tasks (SLICE
     only; empty or None at the first stage, where SLICE equals LoRA-GA paper). Under torch.distributed every rank

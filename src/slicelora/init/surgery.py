@@ -1,4 +1,4 @@
-"""One-sided gradient surgery (SPEC 3.1 step 3): remove (part of) the current gradient's conflict with replay.
+"""One-sided gradient surgery (docs/method.md, SLICE): remove (part of) the current gradient's conflict with replay.
 
 Only the current gradient changes; the replay gradient is never added. Dot products and norms are float64.
 Gradients sharded under FSDP are projected block by block; only the dot products cross ranks.

@@ -1,4 +1,4 @@
-"""The run configuration: one dataclass per concern, paper defaults (SPEC 3.3), YAML files and dotted overrides.
+"""The run configuration: one dataclass per concern, the paper's defaults, YAML files and dotted overrides.
 
     config = load_config("my.yaml", overrides=["init.method=slice", "train.lr=2e-4"])
 
@@ -70,7 +70,7 @@ class EvalSection:
     examples: int = 64  # scored per task
     max_new_tokens: int = 64
     batch_size: int = 16
-    scoring: str = "paper"  # paper: SPEC 4 defaults; native: official Super-NI / TRACE's own metrics
+    scoring: str = "paper"  # paper: the paper's scorers; native: official Super-NI / TRACE's own metrics
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Adversarial sequence mining (SPEC 6): task gradient signatures, CountSketch, cosine subset search."""
+"""Adversarial sequence mining: task gradient signatures, CountSketch, cosine subset search."""
 
 from .search import EXHAUSTIVE_LIMIT, METHODS, check_search, pairwise_cosine, rank_subsets, subset_scores
 from .signatures import (

@@ -1,4 +1,4 @@
-"""Pairwise task cosines and the search for the most opposed (or most aligned) task subsets (SPEC 6, steps 3-4).
+"""Pairwise task cosines and the search for the most opposed (or most aligned) task subsets.
 
 A subset's score is the mean cosine over its pairs. `rank_subsets` finds the `top` lowest (or highest) subsets:
 

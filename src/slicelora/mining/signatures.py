@@ -1,4 +1,4 @@
-"""Task gradient signatures on the base model, their cache, and `mine`: SPEC 6 from tasks to ranked sequences.
+"""Task gradient signatures on the base model, their cache, and `mine`: from tasks to ranked sequences.
 
 A task's signature is the mean full-weight gradient of the target layers over its first `batches` batches (seeded
 shuffle), flattened over all layers. In "sketch" mode each batch's per-layer gradient is CountSketched to k numbers
@@ -162,7 +162,7 @@ def mine(
     beam_width: int = DEFAULT_BEAM_WIDTH,
     cache: Path | None = None,
 ) -> MiningResult:
-    """SPEC 6: signatures of every task on `model` (the base model), their cosines, and the `top` most opposed and
+    """Signatures of every task on `model` (the base model), their cosines, and the `top` most opposed and
     most aligned subsets of `size` tasks. Inputs are checked before any gradient is computed."""
     names = [task.name for task in tasks]
     duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..data.sequences import load_sequence
 from ..errors import RunStateError
 from ..io import write_json
@@ -65,10 +67,15 @@ def cell_done(study: Study, out: Path, cell: Cell) -> bool:
     """Whether a cell's run finished (last stage scored, and final GP/IP when they are on)."""
     folder = out / cell.dir
     config = study.config(cell)
-    if not (stage_dir(folder, len(load_sequence(config.sequence).tasks)) / "scores.json").is_file():
+    stages = 1 if config.train.multitask else len(load_sequence(config.sequence).tasks)
+    if not (stage_dir(folder, stages) / "scores.json").is_file():
         return False
     general = folder / "general.json"
     return not config.general.enabled or (general.is_file() and "final" in json.loads(general.read_text()))
+
+
+def finished_cells(study: Study, out: Path) -> int:
+    return sum(cell_done(study, out, c) for c in study.cells())
 
 
 def groups(study: Study) -> list[tuple[str, int]]:
@@ -118,15 +125,12 @@ def run_study(study: Study, out: str | Path, *, resume: bool = False, workers: i
         with open(out / "logs" / f"worker-{k}.log", "ab") as logfile:
             procs.append(subprocess.Popen([sys.executable, "-m", "slicelora.study.worker", str(out), session],
                                           stdout=logfile, stderr=subprocess.STDOUT, env=env))
-    cells = study.cells()
-    from tqdm.auto import tqdm  # noqa: PLC0415 - only the parent of workers shows this bar
-
-    with tqdm(total=len(cells), desc="study cells", unit="cell") as bar:
+    with tqdm(total=len(study.cells()), desc="study cells", unit="cell") as bar:
         while any(p.poll() is None for p in procs):
-            time.sleep(5)
-            bar.n = sum(cell_done(study, out, c) for c in cells)
+            time.sleep(30)  # the workers need the CPU; counting finished cells is cheap but not free
+            bar.n = finished_cells(study, out)
             bar.refresh()
-        bar.n = sum(cell_done(study, out, c) for c in cells)
+        bar.n = finished_cells(study, out)
         bar.refresh()
     failed = [k for k, p in enumerate(procs) if p.returncode != 0]
     if failed:
