@@ -38,7 +38,6 @@ from ..data.sequences import load_sequence
 from ..data.tasks import Example, Task, load_task
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
-from ..eval.loss import answer_losses
 from ..eval.tasks import evaluate_task
 from ..init import InitConfig, init_adapter
 from ..init.decompose import absorb
@@ -331,18 +330,15 @@ def _learn(model, tokenizer, learn: list[Task], seen: list[Task], t: int, config
 
 
 def _evaluate(model, tokenizer, seen: list[Task], config: RunConfig, shard: tuple[int, int]) -> tuple[list, dict]:
-    """Every seen task's scored examples: greedy generations with their scores, and the answer's per-token NLL under
-    teacher forcing (the continuous companion of the score). Returns the records and scores.json's fields."""
+    """Every seen task's scored examples: greedy generations with their scores, and the reference answer's per-token
+    NLL under teacher forcing (the continuous companion of the score, computed from generation's own prompt pass).
+    Returns the records and scores.json's fields."""
     generations, scores, losses, truncated = [], {}, {}, {}
     for task in seen:
         metric = task.metric if config.eval.scoring == "paper" else task.native_metric
         records = evaluate_task(model, tokenizer, task, examples=config.eval.examples, metric=metric,
                                 max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                 max_prompt_length=config.train.max_length, shard=shard)
-        nll = answer_losses(model, tokenizer, [task.heldout[r["index"]] for r in records],
-                            batch_size=config.eval.batch_size, max_length=config.train.max_length)
-        for record, (total, count) in zip(records, nll):
-            record.update(nll=total / count, answer_tokens=count)
         records = sorted(gather_object(records) if shard[1] > 1 else records, key=lambda r: r["index"])
         scores[task.name] = sum(r["score"] for r in records) / len(records)
         losses[task.name] = sum(r["nll"] for r in records) / len(records)
