@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -25,7 +26,10 @@ def test_two_processes_match_one(tmp_path):
     args = [f"model={model_dir}", "sequence=demo", "init.method=slice", "adapter.rank=4", "init.batches=2",
             "init.batch_size=4", "init.replay_buffer=8", "train.epochs=1", "train.batch_size=4", "train.grad_accum=1",
             "train.max_length=96", "train.max_examples=8", "eval.examples=4", "eval.max_new_tokens=3",
-            "general.enabled=false"]
+            "general.enabled=false",
+            # float32 gradient passes: under bf16 autocast, rows split over ranks round differently (~1e-3), and
+            # this test is about the distributed arithmetic, not bf16's
+            "init.autocast=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(HERE / "dist_run.py"), str(tmp_path / "one"), *args], env=env, check=True,
                    timeout=600, capture_output=True)
@@ -35,7 +39,10 @@ def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert (one / "R.csv").read_text() == (two / "R.csv").read_text()
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
-    assert m1 == m2
+    # scores are the same; the answer NLLs follow the adapters' small DDP difference (below) and batch shapes
+    losses = [k for k in m1 if k.startswith("loss_")]
+    assert {k: v for k, v in m1.items() if k not in losses} == {k: v for k, v in m2.items() if k not in losses}
+    assert [m2[k] for k in losses] == pytest.approx([m1[k] for k in losses], rel=1e-4, abs=1e-5)
     for t in ("01", "02", "03"):
         a = load_file(str(one / "stages" / t / "adapter" / "adapter_model.safetensors"))
         b = load_file(str(two / "stages" / t / "adapter" / "adapter_model.safetensors"))
