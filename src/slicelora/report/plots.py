@@ -26,11 +26,15 @@ LINESTYLES = ("-", "--", "-.", ":")
 
 
 def short_name(task: str, width: int = 24) -> str:
-    """A label of at most `width` characters; a Super-NI name becomes its number ("task363") when width < 16."""
-    m = re.match(r"(task\d+)_", task)
+    """A label of about `width` characters; a Super-NI name becomes its number ("task363") when width < 16. A
+    transform suffix ("+swap_labels") is always kept, so that a task and its transformed copy stay apart."""
+    base, plus, transform = task.partition("+")
+    m = re.match(r"(task\d+)_", base)
     if m and width < 16:
-        return m.group(1)
-    return task if len(task) <= width else task[:width - 1] + "…"
+        base = m.group(1)
+    elif len(base) > max(width - len(plus + transform), 8):
+        base = base[:max(width - len(plus + transform), 8) - 1] + "…"
+    return base + plus + transform
 
 
 def series_style(k: int, n: int) -> dict[str, Any]:
