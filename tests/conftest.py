@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -25,6 +29,16 @@ def toy_examples(kind: str, n: int = 24) -> list[Example]:
         else:
             out.append(Example(f"Repeat the words backwards.\n\nInput: {w} #{i}", " ".join(w.split()[::-1]), (w,)))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny random Llama and its tokenizer saved as a model folder (what run configs point at)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +69,21 @@ def replay_batches(tokenizer):
 def logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def kill_at(command: list[str], delays: list[float], after_each=None) -> int:
+    """Start `command` once per delay and SIGKILL it after that many seconds unless it ended first (one thread);
+    `after_each()` runs after every attempt. Returns how many attempts were killed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = 0
+    for delay in delays:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            kills += 1
+        if after_each is not None:
+            after_each()
+    return kills

@@ -16,24 +16,16 @@ import torch
 from safetensors.torch import load_file
 from peft import PeftModel
 
+from conftest import kill_at
 from slicelora.errors import ConfigError, RunStateError
 from slicelora.loop.config import load_config
 from slicelora.loop.stages import run, stage_base_model
-from slicelora.models import tiny_llama, tiny_tokenizer
+from slicelora.models import tiny_tokenizer
 from slicelora.report.runs import read_run
 
 SMALL = ["sequence=demo", "adapter.rank=4", "init.batches=2", "init.batch_size=4", "init.replay_buffer=8",
          "train.epochs=1", "train.batch_size=4", "train.grad_accum=2", "train.max_length=96", "train.max_examples=12",
          "eval.examples=3", "eval.max_new_tokens=3", "general.enabled=false"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def small_config(model: Path, *extra: str):
@@ -118,21 +110,13 @@ def test_resume_after_kills_at_random_moments(tiny_folder, reference_run, tmp_pa
     time, and end with exactly the uninterrupted results; no half-written file is ever left."""
     rng = random.Random(7)
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    kills = 0
-    # a fresh process needs ~3 s for its imports and several more for the run: the first kill always lands
-    for delay in (rng.uniform(2, 5), rng.uniform(3, 8), rng.uniform(3, 8)):
-        process = subprocess.Popen(run_command(tiny_folder, out), env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            kills += 1
-        for written in out.rglob("*.json"):  # whatever a reader can see is complete (temp files are hidden)
+    def readable() -> None:  # whatever a reader can see is complete (temp files are hidden)
+        for written in out.rglob("*.json"):
             if not written.name.startswith("."):
                 json.loads(written.read_text())
+
+    # a fresh process needs ~3 s for its imports and several more for the run: the first kill always lands
+    kills = kill_at(run_command(tiny_folder, out), [rng.uniform(2, 5), rng.uniform(3, 8), rng.uniform(3, 8)], readable)
     run(small_config(tiny_folder, "init.method=slice"), out, resume=True)
     assert kills >= 1
     assert_same_run(reference_run, out)

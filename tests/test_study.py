@@ -4,18 +4,16 @@ and every bad study file refused before any model is loaded."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import kill_at
 from slicelora.errors import ConfigError, RunStateError
 from slicelora.loop.stages import run
-from slicelora.models import tiny_llama, tiny_tokenizer
 from slicelora.study import load_study, parse_study, run_study
 from slicelora.study.plan import count_work
 
@@ -31,15 +29,6 @@ def spec(model: Path) -> dict:
         "seeds": [1, 2],
         "reference": "lora_ga",
     }
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +68,8 @@ WORKER = ("import sys; from slicelora.study import parse_study, run_study; impor
 def test_killed_study_resumes_to_identical_files(tiny_folder, study_run, tmp_path):
     rng = random.Random(11)
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-c", WORKER, str(out), json.dumps(spec(tiny_folder))]
-    kills = 0
-    for delay in (rng.uniform(3, 6), rng.uniform(3, 8), rng.uniform(3, 8)):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            kills += 1
+    kills = kill_at(command, [rng.uniform(3, 6), rng.uniform(3, 8), rng.uniform(3, 8)])
     run_study(parse_study(spec(tiny_folder)), out, resume=True)
     assert kills >= 1
     for cell in parse_study(spec(tiny_folder)).cells():

@@ -99,16 +99,26 @@ def plot_task_curves(runs: Sequence[Run], path: Path) -> Path:
             stages = np.arange(j + 1, run.stages_done + 1) + style["offset"]
             ax.plot(stages, run.R[j:, j], marker=style["marker"], ls=style["linestyle"], ms=4, lw=1.3,
                     color=f"C{k % 10}", mfc="none" if k % 2 else f"C{k % 10}", label=label)
-        ax.set_title(short_name(task, 30), fontsize=9)
-        ax.set_xlim(0.7, last_stage + 0.3)
-        ax.set_xticks(range(1, last_stage + 1))
-        ax.set_ylim(-3, 103)
-        ax.set_xlabel("after stage", fontsize=8)
-        ax.set_ylabel("score", fontsize=8)
-        ax.grid(alpha=0.3)
+        curve_axis(ax, task, last_stage)
+    curve_legend(fig, axes)
+    return save_png(fig, path)
+
+
+def curve_axis(ax: Axes, task: str, stages: int) -> None:
+    """A task-curve panel's frame: the task as title, stages 1..`stages` on x, scores 0..100 on y."""
+    ax.set_title(short_name(task, 30), fontsize=9)
+    ax.set_xlim(0.7, stages + 0.3)
+    ax.set_xticks(range(1, stages + 1))
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("after stage", fontsize=8)
+    ax.set_ylabel("score", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def curve_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend below the panels, one entry per series label."""
     handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 5))
-    return save_png(fig, path)
 
 
 def plot_general(runs: Sequence[Run], path: Path) -> Path | None:

@@ -21,8 +21,8 @@ import numpy as np
 
 from slicelora import io
 from slicelora.errors import DataError
-from slicelora.report.plots import (SCORE_CMAP, as_number, gate_tau, new_figure, save_png, series_style,
-                                    short_name)
+from slicelora.report.plots import (SCORE_CMAP, as_number, curve_axis, curve_legend, gate_tau, new_figure, save_png,
+                                    series_style, short_name)
 from slicelora.report.runs import Examples, Run, general_summary, read_examples, read_json, read_run
 from slicelora.report.stats import (LOSS_METRICS, SCORE_METRICS, Difference, bootstrap_paired, difference,
                                     paired_differences, t_summary)
@@ -592,15 +592,8 @@ def plot_curves(study: StudyResults, sequence: str, path: Path) -> Path | None:
             ax.fill_between(x, low, _nan_stat(stack, np.nanmax), where=~np.isnan(low), color=color, alpha=0.15, lw=0)
             ax.plot(x, _nan_stat(stack, np.nanmean), marker=style["marker"], ls=style["linestyle"], ms=4, lw=1.3,
                     color=color, mfc="none" if k % 2 else color, label=variant)
-        ax.set_title(short_name(task, 30), fontsize=9)
-        ax.set_xlim(0.7, n + 0.3)
-        ax.set_xticks(range(1, n + 1))
-        ax.set_ylim(-3, 103)
-        ax.set_xlabel("after stage", fontsize=8)
-        ax.set_ylabel("score", fontsize=8)
-        ax.grid(alpha=0.3)
-    handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 5))
+        curve_axis(ax, task, n)
+    curve_legend(fig, axes)
     fig.suptitle(f"{sequence}: mean over seeds, band = min to max", fontsize=11)
     return save_png(fig, path)
 
