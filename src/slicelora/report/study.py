@@ -145,8 +145,8 @@ def _read_cell(study_dir: Path, entry: Any, where: str) -> CellResult:
     except DataError as e:
         cell.status = f"unreadable: {e}"
         return cell
-    done, total = cell.run.stages_done, len(cell.run.tasks)
-    cell.status = "complete" if done == total else f"unfinished ({done}/{total} stages)"
+    done, total = cell.run.stages_done, 1 if cell.run.multitask else len(cell.run.tasks)
+    cell.status = "complete" if cell.run.complete else f"unfinished ({done}/{total} stages)"
     return cell
 
 
@@ -524,10 +524,14 @@ def plot_forest(study: StudyResults, rows: list[Row], path: Path) -> Path | None
 
 
 def _stacked_r(cells: list[CellResult], n_tasks: int) -> np.ndarray:
-    """The readable cells' R, padded to N x N with NaN (stages not finished): shape (cells, N, N)."""
+    """The readable cells' R, padded to N x N with NaN (stages not finished): shape (cells, N, N). A multi-task
+    cell's one row is its final scores: it goes in the last row."""
     out = np.full((len(cells), n_tasks, n_tasks), np.nan)
     for k, c in enumerate(cells):
-        out[k, :c.run.stages_done] = c.run.R
+        if c.run.multitask:
+            out[k, -1] = c.run.R[-1]
+        else:
+            out[k, :c.run.stages_done] = c.run.R
     return out
 
 
