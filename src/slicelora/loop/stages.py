@@ -372,8 +372,9 @@ def _general(run_dir: Path, config: RunConfig, model, tokenizer, which: str, kno
         general["base"] = known["base"]
     g = config.general
     share_key = general_key(key, {**asdict(g), "seed": config.seed}) if shared is not None and key else None
-    if config.general.enabled and which not in general and share_key and shared.find_general(share_key):
-        general[which] = shared.find_general(share_key)
+    found = shared.find_general(share_key) if config.general.enabled and which not in general and share_key else None
+    if found:
+        general[which] = found
     if not config.general.enabled or which in general:
         if accelerator.is_main_process and general:
             write_json(path, general)

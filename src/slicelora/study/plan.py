@@ -134,14 +134,15 @@ def calibrate(study: Study) -> dict[str, float]:
     grad_batches = make_batches(task.train, tokenizer, config.init.batch_size, config.train.max_length,
                                 config.init.loss_on, seed=0, num_batches=2)
     start = time.perf_counter()
-    accumulate_gradients(peft_model, grad_batches, targets=tuple(config.adapter.targets))
+    accumulate_gradients(peft_model, grad_batches, targets=tuple(config.adapter.targets),
+                         autocast=config.init.autocast and autocast)
     grad = (time.perf_counter() - start) / len(grad_batches)
     n = min(config.eval.batch_size, len(task.heldout), 16)
     start = time.perf_counter()
     evaluate_task(peft_model, tokenizer, task, examples=n, metric=task.metric,
                   max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                   max_prompt_length=config.train.max_length)
-    return {"train_batch": train, "gradient_batch": grad * (0.45 if config.init.autocast and autocast else 1.0),
+    return {"train_batch": train, "gradient_batch": grad,
             "eval_example": (time.perf_counter() - start) / n}
 
 
