@@ -207,7 +207,7 @@ def run_variant(variant, model, current, replay, args, meter, device):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    import slicelora.init.methods as methods
+    import slicelora.init.adapter as methods
     from slicelora.init import InitConfig, init_adapter
 
     targets = list(args.targets)

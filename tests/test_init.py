@@ -287,7 +287,7 @@ def test_quantised_layer_is_refused(model, batches):
 
 
 def test_gradient_cache_is_reused_and_invalidated(model, batches, replay_batches, tmp_path, monkeypatch):
-    import slicelora.init.methods as methods
+    import slicelora.init.adapter as methods
 
     calls = []
     real = methods.accumulate_gradients
@@ -311,7 +311,7 @@ def test_gradient_cache_is_reused_and_invalidated(model, batches, replay_batches
 
 def count_gradient_passes(monkeypatch) -> list[str]:
     """Patch the init's accumulate_gradients to record the description of every gradient pass."""
-    import slicelora.init.methods as methods
+    import slicelora.init.adapter as methods
 
     calls: list[str] = []
     real = methods.accumulate_gradients
@@ -364,7 +364,7 @@ def test_autocast_gradients_agree_with_float32(model, batches):
 
 @pytest.mark.parametrize("where", ["file", "dir"])
 def test_cached_gradients_are_keyed_by_autocast(tokenizer, batches, tmp_path, monkeypatch, where):
-    import slicelora.init.methods as methods
+    import slicelora.init.adapter as methods
 
     calls = count_gradient_passes(monkeypatch)
     cache = {"gradient_cache": str(tmp_path / "g.safetensors")} if where == "file" else {

@@ -56,8 +56,12 @@ def test_shared_cells_are_bitwise_the_cells_run_alone(tiny_folder, study_run, tm
 
 
 def test_plan_counts_the_shared_stages(tiny_folder):
-    work = count_work(parse_study(spec(tiny_folder)))
-    assert sum(work.stages.values()) == 8 and len(work.stages) == 6  # 2 seeds x SLICE's stage 1
+    grid = spec(tiny_folder)
+    grid["variants"]["slice-half"] = {"init.method": "slice", "init.gate": 1.0, "init.strength": 0.5}
+    work = count_work(parse_study(grid))
+    # predicted from settings: the two SLICE variants share their stage 1 (no replay, so c and tau unused); that
+    # it equals LoRA-GA's is known only from the factors, at run time
+    assert sum(work.stages.values()) == 12 and len(work.stages) == 10
 
 
 WORKER = ("import sys; from slicelora.study import parse_study, run_study; import json;"

@@ -15,7 +15,7 @@ from .errors import SliceLoraError
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Continual fine-tuning with LoRA: SLICE and its baselines (vanilla, LoRA-GA, LoRAM).")
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get the whole table
-METHODS = "vanilla,lora_ga,loram,slice"
+METHODS = "vanilla,lora_ga,loram,slice"  # the paper's comparison: compare's and demo's default
 
 # The embedded demo: SmolLM2-135M-Instruct on 3 short Super-NI tasks, sized for 2 idle CPU cores (full: ~13 min).
 DEMO = ["sequence=demo", "adapter.rank=8", "adapter.alpha=2", "init.batches=4", "init.batch_size=8",
@@ -91,7 +91,7 @@ def run(
     config: ConfigArg = None,
     set: SetOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = Path("runs/run"),
-    method: Annotated[Optional[str], typer.Option(help="vanilla | lora_ga | loram | slice")] = None,
+    method: Annotated[Optional[str], typer.Option(help="A registered init: vanilla | lora_ga | loram | slice | ... (see `slicelora methods`).")] = None,
     sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
@@ -261,6 +261,19 @@ def tasks(data_dir: DataDirOpt = None) -> None:
 
     for name in list_tasks([str(d) for d in data_dir] if data_dir else None):
         console.print(name)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered initialisation methods."""
+    from rich.markup import escape
+
+    from .init import get_init, init_names
+
+    for name in init_names():
+        spec = get_init(name)
+        console.print(f"[bold]{escape(name)}[/] (data: {spec.data}{', absorbed' if spec.absorbs else ''}): "
+                      f"{escape(spec.summary)}", highlight=False)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..init import init_names
 from ..models import DEFAULT_MODEL, LLAMA_TARGETS
 
 
@@ -31,7 +32,7 @@ class AdapterConfig:
 
 @dataclass
 class InitSection:
-    method: str = "slice"  # vanilla | lora_ga | loram | slice
+    method: str = "slice"  # a registered init (slicelora.init.registry): vanilla | lora_ga | loram | slice | ...
     batches: int = 8  # S: gradient batches of the current task (and per past task for each_task replay)
     batch_size: int = 16
     replay_batching: str = "each_task"  # each_task: S batches per past task; all_tasks: S batches in all
@@ -105,7 +106,7 @@ class RunConfig:
 
 
 CHOICES = {
-    "init.method": ("vanilla", "lora_ga", "loram", "slice"),
+    "init.method": init_names,  # whatever is registered when the config is read
     "init.replay_batching": ("each_task", "all_tasks"),
     "init.surgery_mode": ("global", "per_layer"),
     "init.lora_ga_variant": ("paper", "reference", "peft"),
@@ -157,8 +158,12 @@ def _set(config: Any, key: str, value: Any, where: str) -> None:
     for part in path:
         target = getattr(target, part)
     value = _coerce(value, typing.get_type_hints(type(target))[name], key, where)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{where}: {key}={value!r}; choose one of {', '.join(CHOICES[key])}.")
+    choices = CHOICES.get(key, ())
+    choices = choices() if callable(choices) else choices
+    if key in CHOICES and value not in choices:
+        near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{where}: {key}={value!r}; choose one of {', '.join(choices)}.{hint}")
     setattr(target, name, value)
 
 

@@ -39,7 +39,7 @@ from ..data.tasks import Example, Task, load_task
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
 from ..eval.tasks import evaluate_task
-from ..init import InitConfig, init_adapter
+from ..init import InitConfig, get_init, init_adapter
 from ..init.decompose import absorb
 from ..init.gradients import canonical_name
 from ..io import write_json, write_text, write_with
@@ -49,7 +49,6 @@ from .config import RunConfig, from_dict
 from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
 from .train import train_adapter
 
-ABSORBING = ("lora_ga", "loram", "slice")
 # InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
 RUN_DEPENDENT = ("seconds", "gradients_from_cache", "gradient_sets_from_cache")
 
@@ -83,14 +82,16 @@ def training_examples(learn: list[Task], past: list[Task], config: RunConfig) ->
 
 
 def init_batches(learn: list[Task], past: list[Task], config: RunConfig, tokenizer, stage: int):
-    """SLICE's gradient batches: S of the current task(s), and S per past task (each_task) or S in all (all_tasks)."""
+    """The init's gradient batches, as its method needs them: S of the current task(s), and for replay methods
+    (SLICE) S per past task (each_task) or S in all (all_tasks)."""
     cfg = config.init
-    if cfg.method in ("vanilla", "loram"):  # data-free inits
+    data = get_init(cfg.method).data
+    if data == "none":
         return [], []
     kw = dict(tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=config.train.max_length,
               loss_on=cfg.loss_on, seed=config.seed + stage, num_batches=cfg.batches)
     current = make_batches([ex for task in learn for ex in task.train], **kw)
-    if cfg.method != "slice" or not past:
+    if data != "replay" or not past:
         return current, []
     buffers = [replay_buffer(old, cfg.replay_buffer, config.seed) for old in past]
     if cfg.replay_batching == "each_task":
@@ -172,8 +173,7 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
     """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
     trained adapter, with the same operations as the live run, so the result is bitwise the same."""
     peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
-    init = json.loads((folder / "init.json").read_text())
-    if init["method"] in ABSORBING:
+    if _absorbs(folder):
         factors = load_file(str(folder / "init_factors.safetensors"))
         with torch.no_grad():
             for name, module in peft_model.named_modules():
@@ -185,6 +185,13 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
     return peft_model.merge_and_unload()
 
 
+def _absorbs(folder: Path) -> bool:
+    """Whether a finished stage's init was absorbed into the base weight (its init record says so; records written
+    before it did are looked up by method)."""
+    init = json.loads((folder / "init.json").read_text())
+    return init["absorbs"] if "absorbs" in init else get_init(init["method"]).absorbs
+
+
 def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
     """The base onto which stage `stage`'s saved adapter loads (PeftModel.from_pretrained): the model merged up to
     stage-1, with this stage's initial factors absorbed (for absorbing inits)."""
@@ -194,7 +201,7 @@ def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
     for t in range(1, stage):
         model = rebuild_stage(model, stage_dir(run_dir, t), config)
     folder = stage_dir(run_dir, stage)
-    if json.loads((folder / "init.json").read_text())["method"] in ABSORBING:
+    if _absorbs(folder):
         factors = load_file(str(folder / "init_factors.safetensors"))
         scaling = config.adapter.alpha / config.adapter.rank ** 0.5
         with torch.no_grad():
@@ -297,7 +304,7 @@ def _learn(model, tokenizer, learn: list[Task], seen: list[Task], t: int, config
                           current=current[shard[0]::shard[1]], replay=replay[shard[0]::shard[1]] or None)
     factors = initial_factors(peft_model)
     keys = {"before": key, "after": key and stage_key(key, stage_settings(config), seen, t, factors,
-                                                      config.init.method in ABSORBING)}
+                                                      report.absorbs)}
     source = shared.find_stage(keys["after"]) if shared is not None and key else None
     _fault_point(t, "init")
     timing = {"init": time.perf_counter() - start, "gradient_sets_from_cache": report.gradient_sets_from_cache,

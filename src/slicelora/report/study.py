@@ -393,9 +393,9 @@ def _differences(study: StudyResults, sequence: str, rows: list[Row]) -> list[st
 
 
 def gate_record(cell: CellResult) -> list[tuple[int, float, bool | None]]:
-    """(stage, global cosine, fired) at every finished stage >= 2 of a SLICE cell; fired is None without a
-    surgery record."""
-    if cell.run is None or cell.run.method != "slice":
+    """(stage, global cosine, fired) at every finished stage >= 2 of a cell whose init has a gradient surgery
+    (SLICE: a surgery record at some stage); fired is None at a stage without a record."""
+    if cell.run is None or not any(isinstance((init or {}).get("surgery"), dict) for init in cell.run.init):
         return []
     out = []
     for stage, init in enumerate(cell.run.init[1:], start=2):

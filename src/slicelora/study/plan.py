@@ -1,9 +1,10 @@
 """`slicelora study --plan`: the cells, the work they share, and a time estimate from a short calibration.
 
-Sharing is predicted from settings alone (what is known before running): SLICE's first stage has no replay, so it
-equals LoRA-GA paper with the same gradient settings; cells whose effective settings agree up to a stage share it.
-The run itself shares at least this much, and more when SLICE's gate does not fire (its stages then equal the
-other SLICE variants'), since it keys stages by their actual initial factors.
+Sharing is predicted from settings alone (what is known before running): cells whose effective settings agree up
+to a stage share it, e.g. SLICE variants that differ only in their surgery settings share the first stage (no
+replay yet). The run itself shares at least this much, and more, since it keys stages by their actual initial
+factors: SLICE's first stage equals LoRA-GA paper's, and a stage where SLICE's gate does not fire equals the other
+SLICE variants' and LoRA-GA's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from ..data.prompts import make_batches
 from ..data.sequences import load_sequence
 from ..data.tasks import load_task
 from ..loop.config import RunConfig
-from ..loop.stages import stage_groups, stage_settings
+from ..init import get_init
+from ..init.registry import settings_of
+from ..loop.stages import init_config, stage_groups, stage_settings
 from .spec import Study
 
 
@@ -28,16 +31,16 @@ def _h(*parts) -> str:
 
 
 def effective_init(config: RunConfig, stage: int) -> tuple:
-    """What a stage's init depends on besides the model: SLICE without replay (stage 1) is LoRA-GA paper."""
-    c = config.init
-    if c.method in ("vanilla", "loram"):
-        return (c.method,)
-    grads = (c.batches, c.batch_size, c.loss_on, c.autocast)
-    variant = c.lora_ga_variant if c.method == "lora_ga" else "paper"
-    base = ("gradient", variant, c.selection if variant == "paper" else None, grads)
-    if c.method == "slice" and stage > 1:
-        return base + (c.strength, c.gate, c.surgery_mode, c.replay_buffer, c.replay_batching)
-    return base
+    """What a stage's init depends on besides the model: the method's settings and, for methods with data, how its
+    gradient batches are made (replay ones only from stage 2, the first stage having no past tasks)."""
+    c, spec = config.init, get_init(config.init.method)
+    replay = spec.data == "replay" and stage > 1
+    out = (c.method, sorted(settings_of(spec, init_config(config, stage), combined=replay).items()))
+    if spec.data != "none":
+        out += ((c.batches, c.batch_size, c.loss_on, c.autocast),)
+    if replay:
+        out += ((c.replay_buffer, c.replay_batching),)
+    return out
 
 
 @dataclass
@@ -74,10 +77,11 @@ def count_work(study: Study) -> Work:
             evals = sum(min(config.eval.examples, len(s.heldout)) for s in seen)
             names = tuple(task.name for task in learn)
             grad_sets = []
-            if config.init.method in ("lora_ga", "slice"):
+            data = get_init(config.init.method).data
+            if data != "none":
                 grad_sets.append(((sig, "current", names, config.init.batches, config.init.batch_size,
                                    config.init.loss_on, config.init.autocast), config.init.batches))
-                if config.init.method == "slice" and t > 1:
+                if data == "replay" and t > 1:
                     n = config.init.batches * ((t - 1) if config.init.replay_batching == "each_task" else 1)
                     grad_sets.append(((sig, "replay", config.init.batch_size, config.init.loss_on,
                                        config.init.replay_buffer, config.init.replay_batching, config.init.autocast), n))

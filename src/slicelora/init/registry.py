@@ -1,0 +1,113 @@
+"""The registry of initialisations: each method is defined once, by one `register_init` call.
+
+The run config's choices, the CLI's help, the stage loop's data preparation (which gradient batches to build),
+whether a stage's factors are absorbed into the base weight, and the run folder's init records all derive from the
+registered `InitMethod`, so a new method needs no edit anywhere else:
+
+    def my_factors(layer: LayerInput, config: InitConfig) -> Factors:
+        a = torch.randn(layer.rank, layer.weight.shape[1]) * 1e-3
+        return Factors(a, torch.zeros(layer.weight.shape[0], layer.rank))
+
+    register_init(InitMethod("my_init", data="none", absorbs=True, factors=my_factors, summary="..."))
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from ..errors import InitError
+
+if TYPE_CHECKING:  # the config and the surgery report live in modules that import this one
+    from .adapter import InitConfig
+    from .surgery import SurgeryReport
+
+# What a method needs besides the model: nothing; the gradient of the task about to be learned; that gradient and
+# the gradient of a replay buffer of past tasks (SLICE's surgery input).
+Data = Literal["none", "current", "replay"]
+Gradients = dict[str, torch.Tensor]  # canonical layer name -> gradient of the loss w.r.t. that layer's weight
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """What a method sees of one target layer: its full base weight (d_out, d_in), the gradient it asked for
+    (after its `combine` step; None for data-free methods), the adapter's rank and the layer's canonical name."""
+
+    name: str
+    weight: torch.Tensor
+    grad: torch.Tensor | None
+    rank: int
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A (r, d_in) and B (d_out, r), and the variance-matching scale that was applied (None if none was)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    beta: float | None = None
+
+
+@dataclass(frozen=True)
+class InitMethod:
+    """One initialisation.
+
+    `data`: see `Data`. `absorbs`: the base weight becomes W - s B A at init, so the model computes the same
+    function right after the init (every non-zero-B method must absorb). `factors`: (A, B) for one layer; None keeps
+    PEFT's own draw (Kaiming A, zero B), re-drawn from the init's seed. `combine`: for `data="replay"`, turns the
+    current and replay gradients into the gradients the factors are computed from (SLICE's surgery); without replay
+    batches the current gradients are used as they are. `settings` / `combine_settings`: the InitConfig fields that
+    `factors` / `combine` read (the study planner uses them to tell which settings change a stage's result).
+    """
+
+    name: str
+    data: Data
+    absorbs: bool
+    factors: Callable[[LayerInput, InitConfig], Factors] | None
+    summary: str
+    combine: Callable[[Gradients, Gradients, InitConfig], tuple[Gradients, SurgeryReport]] | None = None
+    settings: tuple[str, ...] = ()
+    combine_settings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.data not in ("none", "current", "replay"):
+            raise InitError(f"init method {self.name!r}: data={self.data!r} must be 'none', 'current' or 'replay'.")
+        if (self.combine is not None) != (self.data == "replay"):
+            raise InitError(f"init method {self.name!r}: a combine step goes with data='replay', and only with it.")
+        if self.factors is None and self.absorbs:
+            raise InitError(f"init method {self.name!r}: PEFT's own draw has B = 0, so there is nothing to absorb.")
+
+
+INITS: dict[str, InitMethod] = {}
+
+
+def register_init(method: InitMethod) -> InitMethod:
+    """Make `method` available to init_adapter, the run config, the CLI and the stage loop."""
+    if method.name in INITS:
+        raise InitError(f"an init method named {method.name!r} is already registered.")
+    INITS[method.name] = method
+    return method
+
+
+def init_names() -> tuple[str, ...]:
+    """The registered methods, in registration order."""
+    return tuple(INITS)
+
+
+def get_init(name: str) -> InitMethod:
+    """The registered method `name`, or an error that suggests the nearest name."""
+    if name in INITS:
+        return INITS[name]
+    near = difflib.get_close_matches(str(name), INITS, n=1, cutoff=0.5)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    raise InitError(f"unknown init method {name!r}; choose one of {', '.join(INITS)}.{hint}")
+
+
+def settings_of(method: InitMethod, config: InitConfig, combined: bool = True) -> dict:
+    """The values of the InitConfig fields `method` reads (without its combine step's when `combined` is False)."""
+    keys = method.settings + (method.combine_settings if combined else ())
+    return {key: getattr(config, key) for key in keys}
