@@ -34,7 +34,7 @@ from .gradients import (
 )
 from .registry import LayerInput, get_init
 from .sharding import assign_, gather, is_sharded, joint_key, per_rank, reshard_all
-from .surgery import SurgeryMode, SurgeryReport
+from .surgery import GateRule, Projection, ProjectionSettings, SurgeryMode, SurgeryReport
 
 LORA_GA_VARIANTS = ("paper", "reference", "peft")
 Batches = Iterable[Mapping[str, torch.Tensor]]
@@ -62,6 +62,15 @@ class InitConfig:
     strength: float = 1.0  # SLICE's c
     gate: float = 0.0  # SLICE's tau: project only when cos < tau
     surgery_mode: SurgeryMode = "global"
+    # SLICE's projection variants (surgery.ProjectionSettings): which correction, when it fires, its parameters
+    projection: Projection = "pcgrad"
+    gate_rule: GateRule = "fixed"  # fixed: cos < gate (GradVac: cos < phi); median: per-layer median - gate_delta
+    phi: float = 0.0  # GradVac's target cosine
+    retain: float = 1.0  # retain-add: g = g_cur - retain * g_rep
+    null_rank: int | None = None  # null-space: at most this many replay directions removed
+    null_threshold: float = 0.0  # null-space: only directions with sigma_i / sigma_max >= this
+    gate_delta: float = 0.0  # median rule: tau_l = median of the layers' cosines - gate_delta
+    preserve_magnitude: bool = False  # rescale the projected gradient to the norm it had before
     gamma: float = 16.0  # the reference / peft variants' stable scale d_out^(1/4) / sqrt(gamma)
     seed: int = 42  # the SVD's random start (and vanilla's Kaiming draw)
     niter: int = 4
@@ -90,6 +99,14 @@ class InitReport:
         out = asdict(self)
         out["surgery"] = self.surgery.to_dict() if self.surgery else None
         return out
+
+
+def projection_settings(config: InitConfig) -> ProjectionSettings:
+    """The surgery's variant settings held in `config`."""
+    return ProjectionSettings(
+        projection=config.projection, gate_rule=config.gate_rule, phi=config.phi, retain=config.retain,
+        null_rank=config.null_rank, null_threshold=config.null_threshold, delta=config.gate_delta,
+        preserve_magnitude=config.preserve_magnitude)
 
 
 def _lora_layers(model: torch.nn.Module, adapter: str, targets: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -223,6 +240,8 @@ def init_adapter(
         raise InitError(f"lora_ga_variant {config.lora_ga_variant!r} must be one of {', '.join(LORA_GA_VARIANTS)}.")
     if config.gradient_cache and config.gradient_cache_dir:
         raise InitError("set gradient_cache (one file) or gradient_cache_dir (a folder of gradient sets), not both.")
+    if spec.combine is not None:
+        projection_settings(config).check(config.surgery_mode)
     start = time.perf_counter()
     report = InitReport(method=method, absorbs=spec.absorbs)
     reshard_all(model)

@@ -8,16 +8,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..errors import InitError
+from .adapter import InitConfig, projection_settings
 from .decompose import dst_basis, lowrank_svd, select_factors, variance_matched_scale
 from .registry import Factors, Gradients, InitMethod, LayerInput, register_init
 from .surgery import SurgeryReport, project_conflicting
-
-if TYPE_CHECKING:
-    from .adapter import InitConfig
-
 
 
 def _variance_matched(a, b, weight) -> Factors:
@@ -52,7 +47,7 @@ def _slice(layer: LayerInput, config: InitConfig) -> Factors:
 
 def _surgery(current: Gradients, replay: Gradients, config: InitConfig) -> tuple[Gradients, SurgeryReport]:
     return project_conflicting(current, replay, strength=config.strength, gate=config.gate, mode=config.surgery_mode,
-                               inplace=True)
+                               settings=projection_settings(config), inplace=True)
 
 
 def _loram(layer: LayerInput, config: InitConfig) -> Factors:
@@ -72,5 +67,7 @@ register_init(InitMethod(
     summary="LoRAM: fixed DST-I bases, variance-matched to the weight; no data."))
 register_init(InitMethod(
     "slice", data="replay", absorbs=True, factors=_slice, combine=_surgery,
-    settings=("selection", "seed", "niter"), combine_settings=("strength", "gate", "surgery_mode"),
+    settings=("selection", "seed", "niter"),
+    combine_settings=("strength", "gate", "surgery_mode", "projection", "gate_rule", "phi", "retain", "null_rank",
+                      "null_threshold", "gate_delta", "preserve_magnitude"),
     summary="SLICE: LoRA-GA (paper) on the current gradient after one-sided surgery against the replay gradient."))

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
-from ..init import init_names
+from ..errors import ConfigError, InitError
+from ..init import InitConfig, init_names
+from ..init.adapter import projection_settings
 from ..models import DEFAULT_MODEL, LLAMA_TARGETS
 
 
@@ -40,6 +41,14 @@ class InitSection:
     strength: float = 1.0  # c
     gate: float = 0.0  # tau
     surgery_mode: str = "global"
+    projection: str = "pcgrad"  # SLICE's projection variant: pcgrad | gradvac | null_space | retain_add
+    gate_rule: str = "fixed"  # fixed (cos < tau; GradVac: < phi) | median (per layer: median - gate_delta) | always
+    phi: float = 0.0  # GradVac's target cosine
+    retain: float = 1.0  # retain-add's multiple of the replay gradient
+    null_rank: int | None = None  # null-space: at most k replay directions removed
+    null_threshold: float = 0.0  # null-space: directions with sigma_i / sigma_max >= this
+    gate_delta: float = 0.0
+    preserve_magnitude: bool = False  # rescale the projected gradient to its norm before the projection
     lora_ga_variant: str = "paper"
     selection: str = "lora_ga"
     offload_to_cpu: bool = False
@@ -105,12 +114,24 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def library_init_config(section: InitSection, **decided: Any) -> InitConfig:
+    """The init library's InitConfig from the run config's init section (every field the two share; one source
+    for their names, types and defaults), with the values the loop decides (`decided`: seed, targets, ...)."""
+    shared = {f.name: getattr(section, f.name) for f in fields(InitConfig) if hasattr(section, f.name)}
+    return InitConfig(**{**shared, **decided})
+
+
+def _literal_choices(cls: type) -> dict[str, tuple]:
+    """init.<field> -> the values of the init library's Literal-typed field of the same name."""
+    hints = typing.get_type_hints(cls)
+    return {f"init.{f.name}": typing.get_args(hints[f.name]) for f in fields(cls)
+            if typing.get_origin(hints[f.name]) is typing.Literal and f.name in InitSection.__dataclass_fields__}
+
+
 CHOICES = {
     "init.method": init_names,  # whatever is registered when the config is read
+    **_literal_choices(InitConfig),  # surgery_mode, projection, gate_rule, lora_ga_variant, selection
     "init.replay_batching": ("each_task", "all_tasks"),
-    "init.surgery_mode": ("global", "per_layer"),
-    "init.lora_ga_variant": ("paper", "reference", "peft"),
-    "init.selection": ("lora_ga", "top_r"),
     "init.loss_on": ("full", "answer"),
     "train.loss_on": ("full", "answer"),
     "eval.scoring": ("paper", "native"),
@@ -233,6 +254,10 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message + ".")
+    try:  # the surgery's variant settings, checked as the init will check them
+        projection_settings(library_init_config(config.init)).check(config.init.surgery_mode)
+    except InitError as exc:
+        raise ConfigError(f"init: {exc} Set the init.* key it names.") from None
 
 
 def config_from_items(items: list[tuple[str, Any, str]]) -> RunConfig:

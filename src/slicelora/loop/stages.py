@@ -45,7 +45,7 @@ from ..init.gradients import canonical_name
 from ..io import write_json, write_text, write_with
 from ..models import load_model
 from ..report.runs import write_run_summary
-from .config import RunConfig, from_dict
+from .config import RunConfig, from_dict, library_init_config
 from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
 from .train import train_adapter
 
@@ -106,14 +106,13 @@ def lora_config(config: RunConfig) -> LoraConfig:
 
 
 def init_config(config: RunConfig, stage: int, shared: SharedWork | None = None) -> InitConfig:
-    """The init library's settings for stage `stage`; gradient passes under bf16 autocast when training uses it
-    (init.autocast), gradients cached in the shared store's folder when there is one."""
-    c = config.init
-    return InitConfig(lora_ga_variant=c.lora_ga_variant, selection=c.selection, strength=c.strength, gate=c.gate,
-                      surgery_mode=c.surgery_mode, seed=config.seed + stage, offload_to_cpu=c.offload_to_cpu,
-                      gradient_checkpointing=config.train.gradient_checkpointing, targets=tuple(config.adapter.targets),
-                      autocast=c.autocast and config.train.bf16,
-                      gradient_cache_dir=shared.gradient_cache() if shared is not None else None)
+    """The init library's settings for stage `stage`: every field the run config's init section shares with
+    InitConfig, plus what the loop decides: the seed, the targets, gradient checkpointing as in training, gradient
+    passes under bf16 autocast when training uses it (init.autocast), and the shared store's gradient cache."""
+    return library_init_config(
+        config.init, seed=config.seed + stage, targets=tuple(config.adapter.targets),
+        gradient_checkpointing=config.train.gradient_checkpointing, autocast=config.init.autocast and config.train.bf16,
+        gradient_cache_dir=shared.gradient_cache() if shared is not None else None)
 
 
 # --- run folder ------------------------------------------------------------------------------------------------
