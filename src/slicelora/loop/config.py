@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from ..errors import ConfigError, InitError
 from ..init import InitConfig, init_names
 from ..init.adapter import projection_settings
+from .continual import cl_names
 from ..models import DEFAULT_MODEL, LLAMA_TARGETS
 
 
@@ -94,6 +96,12 @@ class GeneralSection:
 
 
 @dataclass
+class CLSection:
+    method: str = "none"  # a training-time method (loop/continual.py): none | replay | olora | ...
+    olora_lambda: float = 0.5  # O-LoRA's weight of the orthogonality loss (the official default)
+
+
+@dataclass
 class RunConfig:
     sequence: str = "demo"
     model: str = DEFAULT_MODEL
@@ -103,6 +111,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     init: InitSection = field(default_factory=InitSection)
     train: TrainSection = field(default_factory=TrainSection)
+    cl: CLSection = field(default_factory=CLSection)
     eval: EvalSection = field(default_factory=EvalSection)
     general: GeneralSection = field(default_factory=GeneralSection)
 
@@ -130,6 +139,7 @@ def _literal_choices(cls: type) -> dict[str, tuple]:
 
 CHOICES = {
     "init.method": init_names,  # whatever is registered when the config is read
+    "cl.method": cl_names,
     **_literal_choices(InitConfig),  # surgery_mode, projection, gate_rule, lora_ga_variant, selection
     "init.replay_batching": ("each_task", "all_tasks"),
     "init.loss_on": ("full", "answer"),
@@ -250,6 +260,11 @@ def validate(config: RunConfig) -> None:
         (config.train.max_length >= 8, "train.max_length must be >= 8"),
         (config.eval.examples >= 1, "eval.examples must be >= 1"),
         (0 <= config.train.warmup_ratio < 1, "train.warmup_ratio must lie in [0, 1)"),
+        (config.cl.method != "replay" or config.train.replay_examples > 0,
+         "cl.method=replay mixes train.replay_examples past examples per task into training: set "
+         "train.replay_examples > 0 (experience replay is on whenever it is > 0)"),
+        (config.cl.olora_lambda >= 0 and math.isfinite(config.cl.olora_lambda),
+         "cl.olora_lambda must be a finite number >= 0"),
     ]
     for ok, message in checks:
         if not ok:

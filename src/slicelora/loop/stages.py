@@ -46,20 +46,16 @@ from ..io import write_json, write_text, write_with
 from ..models import load_model
 from ..report.runs import write_run_summary
 from .config import RunConfig, from_dict, library_init_config
+from .continual import ContinualMethod, Stage, active_methods, replay_buffer
 from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
 from .train import train_adapter
 
 # InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
+CL_STATE = "cl_state.safetensors"  # the continual-learning methods' state after the stage
 RUN_DEPENDENT = ("seconds", "gradients_from_cache", "gradient_sets_from_cache")
 
 
 # --- data for one stage ----------------------------------------------------------------------------------------
-
-def replay_buffer(task: Task, size: int, seed: int) -> list[Example]:
-    """A fixed, seed-determined sample of a past task's train split (the same at every later stage)."""
-    rng = random.Random(f"{seed}:{task.name}")
-    return rng.sample(task.train, min(size, len(task.train)))
-
 
 def stage_groups(tasks: list[Task], config: RunConfig) -> list[list[Task]]:
     """The tasks each stage learns: one per stage, or all of them in one stage (train.multitask: the joint-training
@@ -67,17 +63,17 @@ def stage_groups(tasks: list[Task], config: RunConfig) -> list[list[Task]]:
     return [list(tasks)] if config.train.multitask else [[task] for task in tasks]
 
 
-def training_examples(learn: list[Task], past: list[Task], config: RunConfig) -> list[Example]:
-    """The train split of each task learned at this stage (each capped by train.max_examples), plus experience
-    replay when train.replay_examples > 0."""
+def training_examples(stage: Stage, config: RunConfig, methods: list[ContinualMethod]) -> list[Example]:
+    """The train split of each task learned at this stage (each capped by train.max_examples), then whatever the
+    continual-learning methods add (experience replay: past tasks' examples)."""
     examples = []
-    for task in learn:
+    for task in stage.learn:
         chosen = task.train
         if config.train.max_examples is not None and len(chosen) > config.train.max_examples:
             chosen = random.Random(f"{config.seed}:{task.name}:train").sample(chosen, config.train.max_examples)
         examples = examples + chosen
-    for old in past if config.train.replay_examples else []:
-        examples = examples + replay_buffer(old, config.train.replay_examples, config.seed)
+    for method in methods:
+        examples = method.examples(stage, examples)
     return examples
 
 
@@ -245,19 +241,21 @@ def run(
     key = model_key(config.model, model)
     general = _general(run_dir, config, model, tokenizer, "base", base_general, accelerator, shared, key)
 
+    methods = active_methods(config)
     groups = stage_groups(tasks, config)
     for t, learn in enumerate(groups, start=1):
         folder, seen = stage_dir(run_dir, t), [task for group in groups[:t] for task in group]
-        if (folder / "scores.json").is_file():  # finished earlier: replay its weight change
+        trained = (folder / "train.json").is_file()
+        if trained:  # finished or trained earlier: replay its weight change, restore the CL methods' state
             model = rebuild_stage(model, folder, config)
             key = _read_key(folder)
+            _load_cl_state(methods, folder)
+        if (folder / "scores.json").is_file():
             continue
         timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").is_file() else {}
-        if (folder / "train.json").is_file():  # trained and saved, not yet evaluated
-            model = rebuild_stage(model, folder, config)
-            key = _read_key(folder)
-        else:
-            model, key, timing = _learn(model, tokenizer, learn, seen, t, config, key, folder, accelerator, shared)
+        if not trained:
+            stage = Stage(t, learn, seen[:len(seen) - len(learn)])
+            model, key, timing = _learn(model, tokenizer, stage, config, key, folder, accelerator, shared, methods)
         if on_stage is not None:
             on_stage(t, model)
         # 5. evaluate every task seen so far (or copy the scores of the same stage computed elsewhere)
@@ -287,12 +285,14 @@ def run(
     return run_dir
 
 
-def _learn(model, tokenizer, learn: list[Task], seen: list[Task], t: int, config: RunConfig, key: str | None,
-           folder: Path, accelerator: Accelerator, shared: SharedWork | None) -> tuple[torch.nn.Module, str, dict]:
-    """Steps 1-4 of stage t, which learns `learn` (`seen` = the tasks learned so far, these included): a fresh
-    adapter, its init, training (or the adapter trained from this very state found in `shared`), the stage's files,
-    the merge. Returns the merged model, the stage's key and the step times."""
-    past, main = seen[:len(seen) - len(learn)], accelerator.is_main_process
+def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, folder: Path,
+           accelerator: Accelerator, shared: SharedWork | None,
+           methods: list[ContinualMethod]) -> tuple[torch.nn.Module, str, dict]:
+    """Steps 1-4 of a stage: a fresh adapter, its init, training with the continual-learning methods' hooks (or the
+    adapter trained from this very state found in `shared`), the stage's files, the merge. Returns the merged model,
+    the stage's key and the step times."""
+    t, learn, past, main = stage.number, stage.learn, stage.past, accelerator.is_main_process
+    seen = past + learn
     shard = (accelerator.process_index, accelerator.num_processes)
     start = time.perf_counter()
     # 1. a fresh adapter on the current merged model
@@ -311,15 +311,21 @@ def _learn(model, tokenizer, learn: list[Task], seen: list[Task], t: int, config
     start = time.perf_counter()
     # 3. train only the adapter (or take the adapter trained from this very state elsewhere)
     if source is None:
-        curve = train_adapter(peft_model, tokenizer, training_examples(learn, past, config),
-                              config.train, accelerator, seed=config.seed + 1000 * t, desc=f"stage {t} train")
+        curve = train_adapter(peft_model, tokenizer, training_examples(stage, config, methods), config.train,
+                              accelerator, seed=config.seed + 1000 * t, desc=f"stage {t} train",
+                              penalty=_summed_penalty(methods, peft_model) if methods else None)
         timing["train"] = curve.pop("seconds")
     else:
         set_peft_model_state_dict(peft_model, load_file(str(source / "adapter" / "adapter_model.safetensors")))
         curve = json.loads((source / "train.json").read_text())
         timing["train"] = time.perf_counter() - start
+    for method in methods:
+        method.after_stage(stage, trained_factors(peft_model))
     _fault_point(t, "train")
     if main:
+        if methods:
+            state = {f"{m.name}/{k}": v for m in methods for k, v in m.state_dict().items()}
+            write_with(folder / CL_STATE, lambda p: save_file(state, str(p), metadata={"methods": _names(methods)}))
         write_with(folder / "init_factors.safetensors", lambda p: save_file(factors, str(p)))
         record = {k: v for k, v in report.to_dict().items() if k not in RUN_DEPENDENT}
         write_json(folder / "init.json", {**record, "stage": t, "task": _label(learn), "tau": config.init.gate})
@@ -333,6 +339,38 @@ def _learn(model, tokenizer, learn: list[Task], seen: list[Task], t: int, config
     accelerator.wait_for_everyone()
     # 4. merge
     return peft_model.merge_and_unload(), keys["after"], timing
+
+
+def _summed_penalty(methods: list[ContinualMethod], model: PeftModel) -> Callable[[], torch.Tensor | None]:
+    """The sum of the methods' loss terms on the live adapter (None when none of them adds one)."""
+    def total() -> torch.Tensor | None:
+        terms = [term for term in (m.penalty(model) for m in methods) if term is not None]
+        return torch.stack(terms).sum() if terms else None
+    return total
+
+
+def trained_factors(model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Canonical layer name -> (A, B) of the adapter as trained, before the merge."""
+    return {canonical_name(name): (module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach())
+            for name, module in model.named_modules() if "default" in getattr(module, "lora_A", {})}
+
+
+def _names(methods: list[ContinualMethod]) -> str:
+    return ",".join(m.name for m in methods)
+
+
+def _load_cl_state(methods: list[ContinualMethod], folder: Path) -> None:
+    """Restore the methods' state as it was after a finished stage (nothing to do without methods)."""
+    if not methods:
+        return
+    path = folder / CL_STATE
+    if not path.is_file():
+        raise RunStateError(f"{path} is missing: this stage was trained without the continual-learning methods "
+                            f"{_names(methods)}; resume with the settings it was run with, or start a new run.")
+    state = load_file(str(path))
+    for method in methods:
+        prefix = f"{method.name}/"
+        method.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def _evaluate(model, tokenizer, seen: list[Task], config: RunConfig, shard: tuple[int, int]) -> tuple[list, dict]:

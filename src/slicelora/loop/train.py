@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -40,9 +40,12 @@ def train_adapter(
     *,
     seed: int,
     desc: str = "train",
+    penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> dict:
     """Train the trainable parameters of `model` (the LoRA adapter) on `examples`; return the loss curve and how
-    many prompts were cut from the left to fit train.max_length."""
+    many prompts were cut from the left to fit train.max_length. `penalty()`, when given, is added once to every
+    optimisation step's loss (a continual-learning method's term); the curve records the language-model loss and,
+    separately, the penalty."""
     start = time.perf_counter()
     stats: dict[str, int] = {}  # prompts cut from the left to fit max_length (counted once, in the first epoch)
     epochs = [make_batches(examples, tokenizer, cfg.batch_size, cfg.max_length, cfg.loss_on, seed=seed + e,
@@ -61,6 +64,7 @@ def train_adapter(
         raise ConfigError(f"train.batch_size={cfg.batch_size} must be at least the number of processes ({world}).")
     wrapped.train()
     losses: list[float] = []
+    penalties: list[float] = []
     bar = tqdm(total=total, desc=desc, leave=False, disable=not accelerator.is_main_process)
     for batches in epochs:
         for start_idx in range(0, len(batches), cfg.grad_accum):
@@ -72,8 +76,12 @@ def train_adapter(
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)), \
                         torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss = wrapped(**inputs).loss / len(group)
-                loss.backward()
                 step_loss += loss.item()
+                extra = penalty() if sync and penalty is not None else None
+                if extra is not None:  # in the step's last backward, so DDP reduces it with the rest
+                    penalties.append(extra.item())
+                    loss = loss + extra
+                loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -88,5 +96,6 @@ def train_adapter(
         set_checkpointing(model, False)
     del wrapped, optimizer
     accelerator.free_memory()  # drop accelerate's reference to the DDP wrapper; the next stage wraps a new model
-    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16,
-            "truncated_prompts": stats["truncated"], "examples": stats["examples"]}
+    curve = {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16,
+             "truncated_prompts": stats["truncated"], "examples": stats["examples"]}
+    return {**curve, "penalties": penalties} if penalties else curve

@@ -1,0 +1,146 @@
+"""Training-time continual-learning methods: hooks around each stage, composable with every initialisation.
+
+The init writes the adapter's A and B; a method acts around training. The stage loop calls, for every active
+method, in this order:
+
+    examples(stage, examples)          the stage's training data (experience replay adds past examples)
+    penalty(model)                     a term added to the loss of every optimisation step (O-LoRA)
+    after_stage(stage, trained)        with the trained adapter's factors, before the merge (O-LoRA keeps A)
+
+A method's state is saved with each finished stage (`cl_state.safetensors`, written before the stage's
+`train.json` marks it trained) and restored by --resume, so a resumed run continues with the same state. A new
+method is one subclass and one `register_cl` call; `cl.method` selects it, `cl.*` holds its settings.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..data.tasks import Example, Task
+from ..errors import ConfigError
+from ..init.gradients import canonical_name
+
+if TYPE_CHECKING:  # the run config names the registered methods, so it imports this module
+    from .config import RunConfig
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # canonical layer name -> (A, B) of the trained adapter
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a hook knows of the stage: its number, the tasks it learns and the tasks learned before it."""
+
+    number: int
+    learn: list[Task]
+    past: list[Task]
+
+
+class ContinualMethod:
+    """A training-time method; every hook defaults to doing nothing."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def examples(self, stage: Stage, examples: list[Example]) -> list[Example]:
+        return examples
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_stage(self, stage: Stage, trained: Factors) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+
+CL_METHODS: dict[str, type[ContinualMethod]] = {}
+
+
+def register_cl(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Make a method selectable as `cl.method: <cls.name>`."""
+    if not cls.name or cls.name in CL_METHODS or cls.name == "none":
+        raise ConfigError(f"a continual-learning method needs a new, non-empty name other than 'none': {cls.name!r}.")
+    CL_METHODS[cls.name] = cls
+    return cls
+
+
+def cl_names() -> tuple[str, ...]:
+    return ("none", *CL_METHODS)
+
+
+def replay_buffer(task: Task, size: int, seed: int) -> list[Example]:
+    """A fixed, seed-determined sample of a past task's train split (the same at every later stage)."""
+    rng = random.Random(f"{seed}:{task.name}")
+    return rng.sample(task.train, min(size, len(task.train)))
+
+
+class ExperienceReplay(ContinualMethod):
+    """Experience replay: `train.replay_examples` examples of each past task (a fixed, seeded buffer) mixed into
+    the stage's training data. Active whenever train.replay_examples > 0, together with `cl.method`."""
+
+    name = "replay"
+
+    def examples(self, stage: Stage, examples: list[Example]) -> list[Example]:
+        for old in stage.past:
+            examples = examples + replay_buffer(old, self.config.train.replay_examples, self.config.seed)
+        return examples
+
+
+class OLoRA(ContinualMethod):
+    """O-LoRA (arXiv 2310.14152): keep each finished stage's A (r x d_in per layer); while training a later stage
+    add lambda * sum over past stages and layers of |A A_past^T|_F^2 to the loss, pushing the new adapter's rows
+    orthogonal to the old ones. The adapters are still merged; the old A's are only anchors."""
+
+    name = "olora"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.anchors: dict[str, torch.Tensor] = {}  # layer -> the past stages' A's stacked, (sum of r, d_in)
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        if not self.anchors:
+            return None
+        terms = []
+        for name, a in lora_a_weights(model).items():
+            past = self.anchors[name].to(a.device, a.dtype)
+            terms.append((a @ past.T).pow(2).sum())
+        return self.config.cl.olora_lambda * torch.stack(terms).sum()
+
+    def after_stage(self, stage: Stage, trained: Factors) -> None:
+        for name, (a, _) in trained.items():
+            a = a.detach().float().cpu()
+            self.anchors[name] = torch.cat([self.anchors[name], a]) if name in self.anchors else a
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"anchors/{name}": a.contiguous() for name, a in self.anchors.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.anchors = {key.removeprefix("anchors/"): t for key, t in state.items() if key.startswith("anchors/")}
+
+
+register_cl(ExperienceReplay)
+register_cl(OLoRA)
+
+
+def lora_a_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical layer name -> the live A (the `default` adapter's) of every LoRA layer of a PEFT model."""
+    return {canonical_name(name): module.lora_A["default"].weight for name, module in model.named_modules()
+            if "default" in getattr(module, "lora_A", {})}
+
+
+def active_methods(config: RunConfig) -> list[ContinualMethod]:
+    """The methods a run uses: experience replay when train.replay_examples > 0, then `cl.method`."""
+    methods: list[ContinualMethod] = [ExperienceReplay(config)] if config.train.replay_examples else []
+    if config.cl.method not in ("none", ExperienceReplay.name):
+        methods.append(CL_METHODS[config.cl.method](config))
+    return methods
