@@ -134,6 +134,21 @@ def test_run_folder_guards(tiny_folder, tmp_path):
         run(small_config(tiny_folder), tmp_path / "other")
 
 
+def test_no_warnings_users_cannot_act_on(tiny_folder, tmp_path):
+    """peft's read of transformers' deprecated is_gradient_checkpointing is hidden; other warnings still show."""
+    import warnings
+
+    from slicelora.models import peft_wrapping
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(small_config(tiny_folder, "init.method=vanilla", "sequence=[363, 1687]"), tmp_path / "run")
+        run(small_config(tiny_folder, "init.method=vanilla", "sequence=[363, 1687]"), out, resume=True)  # rebuilds
+        with peft_wrapping():
+            warnings.warn("a real one", FutureWarning)
+    assert [str(w.message) for w in caught] == ["a real one"]
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean train.lr"):
         load_config(None, ["train.lrr=1e-4"])

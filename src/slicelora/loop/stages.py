@@ -43,7 +43,7 @@ from ..init import InitConfig, init_adapter
 from ..init.decompose import absorb
 from ..init.gradients import canonical_name
 from ..io import write_json, write_text, write_with
-from ..models import load_model
+from ..models import load_model, peft_wrapping
 from ..report.runs import write_run_summary
 from .config import RunConfig, from_dict
 from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
@@ -171,7 +171,8 @@ def _save_adapter(path: Path, model: PeftModel) -> None:
 def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> torch.nn.Module:
     """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
     trained adapter, with the same operations as the live run, so the result is bitwise the same."""
-    peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
+    with peft_wrapping():
+        peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
     init = json.loads((folder / "init.json").read_text())
     if init["method"] in ABSORBING:
         factors = load_file(str(folder / "init_factors.safetensors"))
@@ -290,7 +291,8 @@ def _learn(model, tokenizer, learn: list[Task], seen: list[Task], t: int, config
     shard = (accelerator.process_index, accelerator.num_processes)
     start = time.perf_counter()
     # 1. a fresh adapter on the current merged model
-    peft_model = get_peft_model(model, lora_config(config))
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config(config))
     # 2. initialise it
     current, replay = init_batches(learn, past, config, tokenizer, t)
     report = init_adapter(peft_model, config.init.method, init_config(config, t, shared),
