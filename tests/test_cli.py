@@ -129,7 +129,7 @@ def test_refused_resume_lists_the_changed_settings(tiny_folder, tmp_path):
     (out_dir / "config.json").write_text(json.dumps(saved.to_dict()))
     code, out = small_run(tiny_folder, out_dir, "train.lr=2e-4", "eval.examples=4", "eval.batch_size=2")
     assert code == 2 and "differs in eval.examples: 3 -> 4; train.lr: 0.0001 -> 0.0002." in out, out
-    assert "eval.batch_size" not in out.split("differs in")[1].split(".")[0]
+    assert "eval.batch_size: 16 -> 2" not in out  # may change on resume
 
 
 def test_tasks_with_a_missing_data_dir(tmp_path):
@@ -190,7 +190,6 @@ def test_sigint_then_resume_gives_the_uninterrupted_results(tiny_folder, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     np.testing.assert_array_equal(read_run(reference).R, read_run(out_dir).R)
     for t in (1, 2, 3):
-        stage = Path("stages") / f"{t:02d}"
-        assert (reference / stage / "generations.jsonl").read_bytes() == (out_dir / stage / "generations.jsonl").read_bytes()
-        assert ((reference / stage / "adapter" / "adapter_model.safetensors").read_bytes()
-                == (out_dir / stage / "adapter" / "adapter_model.safetensors").read_bytes())
+        for name in ("generations.jsonl", "adapter/adapter_model.safetensors"):
+            path = Path("stages") / f"{t:02d}" / name
+            assert (reference / path).read_bytes() == (out_dir / path).read_bytes(), path
