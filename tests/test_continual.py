@@ -41,10 +41,10 @@ def test_olora_loss_equals_a_direct_computation(model):
                 for j in range(anchors[name].shape[0]):
                     expected += float(a[i].detach().double() @ anchors[name][j].double()) ** 2
     got = method.penalty(peft_model)
-    assert got.requires_grad and float(got) == pytest.approx(0.7 * expected, rel=1e-5)
+    assert got.requires_grad and float(got.detach()) == pytest.approx(0.7 * expected, rel=1e-5)
     restored = OLoRA(olora_config(0.7))
     restored.load_state_dict(method.state_dict())
-    assert float(restored.penalty(peft_model)) == float(got)
+    assert float(restored.penalty(peft_model).detach()) == float(got.detach())
 
 
 def overlap(run_dir) -> float:

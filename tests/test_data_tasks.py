@@ -32,7 +32,7 @@ SUPERNI_COUNTS = {
     "task1729_personachat_generate_next": (1000, 100),
     "task181_outcome_extraction": (338, 43),
     "task363_sst2_polarity_classification": (1000, 100),
-    "task511_reddit_tifu_long_text_summarization": (1000, 100),
+    "task511_reddit_tifu_long_text_summarization": (994, 100),  # 6 train instances with an empty output dropped
     "task591_sciq_answer_generation": (1000, 100),
     "task639_multi_woz_user_utterance_generation": (142, 18),
     "task748_glucose_reverse_cause_event_detection": (1000, 100),
@@ -366,3 +366,43 @@ def test_bad_heldout_size(bad: object) -> None:
 
 def test_bad_reference_type() -> None:
     expect_error(363, "must be a string or a path", "got an integer")
+
+
+# ---------------------------------------------------------------- degenerate data
+
+
+def test_empty_outputs_are_dropped_with_a_count_and_all_empty_is_refused(tmp_path: Path) -> None:
+    data = superni(8)
+    data["Instances"][3]["output"] = ["  "]
+    data["Instances"][5]["output"] = ["", "no"]  # a blank reference beside a real one: the real one is the answer
+    write_json(tmp_path / "task900_gaps" / "train.json", data)
+    write_json(tmp_path / "task900_gaps" / "test.json", superni(4))
+    with pytest.warns(UserWarning, match=r"train.json: 1 of 8 instances have an empty output and were dropped"):
+        task = load_task(tmp_path / "task900_gaps")
+    assert len(task.train) == 7 and all(ex.references and all(ex.references) for ex in task.train)
+    assert ("no", ("no",)) in {(ex.answer, ex.references) for ex in task.train if ex.source == "text 5"}
+
+    for instance in data["Instances"]:
+        instance["output"] = [" "]
+    write_json(tmp_path / "task901_blank.json", data)
+    with pytest.raises(DataError, match=r"task901_blank.json \(train split\): all 6 instances have an empty output"
+                                        r".*Fill in the outputs"):
+        load_task(tmp_path / "task901_blank.json")
+    write_json(tmp_path / "Blank" / "test.json", [{"prompt": "Q", "answer": " "}])
+    write_json(tmp_path / "Blank" / "train.json", trace(4))
+    with pytest.raises(DataError, match=r"Blank/test.json: all 1 instances have an empty output"):
+        load_task(tmp_path / "Blank")
+
+
+def test_duplicate_ids_are_counted(tmp_path: Path) -> None:
+    data = superni(8)
+    data["Instances"][4]["id"] = data["Instances"][6]["id"] = "i1"
+    write_json(tmp_path / "task902_dups.json", data)
+    with pytest.warns(UserWarning, match=r"task902_dups.json: 2 instance\(s\) repeat the id of an earlier one"):
+        load_task(tmp_path / "task902_dups.json")
+
+
+def test_missing_data_dir_is_refused_when_listing(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"{tmp_path / 'missing'} do not exist"):
+        list_tasks([tmp_path / "missing"])
+    assert list_tasks([tmp_path]) == []

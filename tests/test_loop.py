@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from peft import PeftModel
 
 from conftest import kill_at
-from slicelora.errors import ConfigError, RunStateError
+from slicelora.errors import ConfigError, RunStateError, TrainingDiverged
 from slicelora.loop.config import load_config
 from slicelora.loop.stages import run, stage_base_model
 from slicelora.models import tiny_tokenizer
@@ -132,6 +132,69 @@ def test_run_folder_guards(tiny_folder, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(RunStateError, match="not empty"):
         run(small_config(tiny_folder), tmp_path / "other")
+
+
+def test_divergence_keeps_finished_stages_and_the_run_resumes(tiny_folder, reference_run, tmp_path, monkeypatch):
+    """A NaN loss in stage 2 stops the run with TrainingDiverged; stage 1 stays as it was, nothing of stage 2 is
+    marked trained or finished, and resuming (here without the fault) ends with the uninterrupted results."""
+    import slicelora.loop.stages as stages
+
+    def poisoned(model, *args, desc, **kwargs):
+        def nan_loss(module, inputs, output):
+            output.loss = output.loss * float("nan")
+            return output
+
+        handle = model.register_forward_hook(nan_loss) if desc.startswith("stage 2") else None
+        try:
+            return train_adapter(model, *args, desc=desc, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    train_adapter = stages.train_adapter
+    monkeypatch.setattr(stages, "train_adapter", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"stage 2 train: training diverged at optimiser step 1 of 2: the loss "
+                                               r"is nan.*Lower train.lr \(now 0.0001\)"):
+        run(small_config(tiny_folder, "init.method=slice"), out)
+    assert (out / "stages" / "01" / "scores.json").is_file() and not (out / "stages" / "02" / "train.json").exists()
+    assert not (out / "stages" / "02" / "scores.json").exists()
+    monkeypatch.undo()
+    run(small_config(tiny_folder, "init.method=slice"), out, resume=True)
+    assert_same_run(reference_run, out)
+
+
+def test_resume_may_change_eval_batch_size_and_general_settings(tiny_folder, tmp_path):
+    """Settings that cannot change finished work may change on resume; newly enabled GP/IP are computed (the base
+    model's too), and the folder's config.json records the new settings. Eval settings that change scores may not."""
+    one = ["init.method=vanilla", "sequence=[363]"]
+    out = run(small_config(tiny_folder, *one), tmp_path / "run")
+    before = read_run(out).R
+    general = ["general.enabled=true", "general.limit=2", "general.shots=1", "general.max_length=256",
+               "general.benchmarks=commonsenseqa", "eval.batch_size=2"]
+    run(small_config(tiny_folder, *one, *general), out, resume=True)
+    np.testing.assert_array_equal(read_run(out).R, before)
+    scores = json.loads((out / "general.json").read_text())
+    assert set(scores) == {"base", "final"} and set(scores["base"]) == {"GP", "IP"}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["general"]["enabled"] and saved["eval"]["batch_size"] == 2
+    with pytest.raises(RunStateError, match=r"differs in eval.examples: 3 -> 4\. "):
+        run(small_config(tiny_folder, *one, *general, "eval.examples=4"), out, resume=True)
+
+
+def test_no_warnings_users_cannot_act_on(tiny_folder, tmp_path):
+    """peft's read of transformers' deprecated is_gradient_checkpointing is hidden; other warnings still show."""
+    import warnings
+
+    from slicelora.models import peft_wrapping
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(small_config(tiny_folder, "init.method=vanilla", "sequence=[363, 1687]"), tmp_path / "run")
+        run(small_config(tiny_folder, "init.method=vanilla", "sequence=[363, 1687]"), out, resume=True)  # rebuilds
+        with peft_wrapping():
+            warnings.warn("a real one", FutureWarning)
+    assert [str(w.message) for w in caught] == ["a real one"]
 
 
 def test_config_errors(tmp_path):

@@ -130,8 +130,7 @@ def test_levenshtein_matches_the_textbook_table(a, b):
 def test_edit_similarity():
     assert score("edit_similarity", "kitten", ["sitting"]) == pytest.approx(100 * (1 - 3 / 7))
     assert score("edit_similarity", "flaw", ["lawn"]) == pytest.approx(50.0)
-    assert score("edit_similarity", "", [""]) == 100.0
-    assert score("edit_similarity", "abc", [""]) == 0.0
+    assert score("edit_similarity", "abc", ["", "abd"]) == pytest.approx(100 * (1 - 1 / 3))  # the empty one ignored
     assert score("edit_similarity", "flaw", ["x", "lawn"]) == pytest.approx(50.0)
 
 
@@ -174,3 +173,12 @@ def test_sari_tokens_are_case_and_punctuation_aware():
 def test_scores_lie_in_0_100(metric):
     for pred, refs, src in [("", ["x"], "y"), ("x y z", ["x y z"], "x y z"), ("1", ["2", "1"], "")]:
         assert 0.0 <= score(metric, pred, refs, source=src) <= 100.0
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_an_empty_reference_earns_no_perfect_score(metric):
+    """An empty prediction against an empty reference is refused, not scored 100; blank references are ignored."""
+    for references in ([""], ["  ", "\n"]):
+        with pytest.raises(DataError, match="no references"):
+            score(metric, "", references)
+    assert score(metric, "", ["", "yes"]) == score(metric, "", ["yes"])

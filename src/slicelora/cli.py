@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from .errors import SliceLoraError
+from .errors import ConfigError, DataError, SliceLoraError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Continual fine-tuning with LoRA: SLICE and its baselines (vanilla, LoRA-GA, LoRAM).")
@@ -31,8 +35,24 @@ DataDirOpt = Annotated[Optional[list[Path]], typer.Option("--data-dir", help="Ex
 
 
 def _fail(exc: SliceLoraError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # a message's "[...]" is not markup
     raise typer.Exit(2)
+
+
+@contextmanager
+def _handled(resumable: bool = False) -> Iterator[None]:
+    """Our errors as one line and exit code 2; Ctrl-C in a resumable command as the command that resumes it and
+    exit code 130 (the shell's code for SIGINT), not a traceback."""
+    try:
+        yield
+    except SliceLoraError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        if not resumable:
+            raise
+        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        console.print(f"interrupted; resume with: slicelora {shlex.join(args)}", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None) -> list[str]:
@@ -61,12 +81,17 @@ def _finish(accelerator) -> None:
 
 def _compare(config: Optional[Path], overrides: list[str], methods: str, output: Path, resume: bool) -> None:
     from .loop.config import load_config
-    from .loop.stages import run as run_stages
+    from .loop.stages import check_collection_dir, run as run_stages
     from .report.plots import write_report
     from .report.tables import rich_table
     from .report.runs import read_run
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if not names or twice:
+        raise ConfigError(f"--methods {methods!r} " + (f"names {', '.join(twice)} more than once" if twice else
+                          "names no method") + f"; list each method once, e.g. --methods {METHODS}.")
+    check_collection_dir(output, "comparison")
     configs = {m: load_config(config, overrides + [f"init.method={m}"]) for m in names}  # all checked up front
     accelerator = _accelerator()
     main = accelerator.is_main_process
@@ -104,7 +129,7 @@ def run(
     from .report.tables import rich_table
     from .report.runs import read_run
 
-    try:
+    with _handled(resumable=True):
         cfg = load_config(config, _overrides(set, method, sequence, model, data_dir))
         accelerator = _accelerator()
         folder = run_stages(cfg, output, resume=resume, accelerator=accelerator)
@@ -112,8 +137,6 @@ def run(
             write_report([folder], folder / "report")
             console.print(rich_table([read_run(folder)]))
         _finish(accelerator)
-    except SliceLoraError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -128,10 +151,8 @@ def compare(
     resume: Annotated[bool, typer.Option(help="Continue stopped runs in --output.")] = False,
 ) -> None:
     """Run several methods on one sequence and write one table and the plots."""
-    try:
+    with _handled(resumable=True):
         _compare(config, _overrides(set, None, sequence, model, data_dir), methods, output, resume)
-    except SliceLoraError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -149,7 +170,7 @@ def study(
     from .study import load_study, run_study
     from .study.plan import plan_study
 
-    try:
+    with _handled(resumable=True):
         spec = load_study(study_file, overrides=set, seeds=seeds)
         if plan:
             if workers > 1:
@@ -167,8 +188,6 @@ def study(
                       + ", ".join(str(p) for p in written), markup=False)
         if accelerator is not None:
             _finish(accelerator)
-    except SliceLoraError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -182,7 +201,7 @@ def report(
     from .report.study import write_study_report
     from .report.tables import rich_table
 
-    try:
+    with _handled():
         if (run_dir / "study.json").is_file():
             console.print("written: " + ", ".join(str(p) for p in write_study_report(run_dir)), markup=False)
             return
@@ -192,8 +211,6 @@ def report(
         written = write_report(runs, output or run_dir)
         console.print(rich_table([read_run(r) for r in runs]))
         console.print("written: " + ", ".join(str(p) for p in written))
-    except SliceLoraError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -205,10 +222,8 @@ def demo(
     """SmolLM2-135M-Instruct (embedded) on a 3-task Super-NI sequence: vanilla, LoRA-GA, LoRAM and SLICE compared."""
     output = output / ("quick" if quick else "full")
     start = time.perf_counter()
-    try:
+    with _handled():
         _compare(None, DEMO_QUICK if quick else DEMO, methods, output, resume=True)
-    except SliceLoraError as exc:
-        _fail(exc)
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; results in {output}")
 
 
@@ -236,7 +251,7 @@ def mine(
     from .mining import SignatureSettings, mine as mine_tasks, write_mining_outputs
     from .models import load_model
 
-    try:
+    with _handled():
         dirs = [str(d) for d in data_dir] if data_dir else None
         refs = list_tasks(dirs) if pool == "all" else [r.strip() for r in pool.split(",") if r.strip()]
         tasks = [load_task(r, dirs, seed=seed, allow_reasoning_variant=allow_reasoning_variant) for r in refs]
@@ -245,8 +260,6 @@ def mine(
         net, tokenizer = load_model(model)
         result = mine_tasks(net, tokenizer, tasks, settings, size, top, method=method)
         written = write_mining_outputs(result, output)
-    except SliceLoraError as exc:
-        _fail(exc)
     for label, subsets in (("most opposed", result.lowest), ("most aligned", result.highest)):
         console.print(f"[bold]{label}[/]")
         for names, score in subsets[:5]:
@@ -257,10 +270,17 @@ def mine(
 @app.command()
 def tasks(data_dir: DataDirOpt = None) -> None:
     """List the tasks found in the data folders."""
-    from .data.tasks import list_tasks
+    from .data.tasks import default_data_dirs, list_tasks
 
-    for name in list_tasks([str(d) for d in data_dir] if data_dir else None):
-        console.print(name)
+    with _handled():
+        dirs = [str(d) for d in data_dir] if data_dir else None
+        names = list_tasks(dirs)
+        if not names:
+            searched = ", ".join(map(str, dirs or default_data_dirs())) or "none"
+            raise DataError(f"no tasks found in the data folders searched ({searched}); give --data-dir folders "
+                            "that hold task files or folders.")
+    for name in names:
+        console.print(name, markup=False)
 
 
 @app.command()

@@ -21,3 +21,7 @@ class InitError(SliceLoraError, ValueError):
 
 class RunStateError(SliceLoraError, RuntimeError):
     """A run folder, checkpoint or cache does not match the run that wants to use it."""
+
+
+class TrainingDiverged(SliceLoraError, RuntimeError):
+    """Training produced a non-finite loss or gradient norm: the stage stops and nothing of it is saved."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +46,16 @@ def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's wrapping of a model (get_peft_model, PeftModel.from_pretrained): hide the FutureWarning that
+    peft triggers by reading transformers' deprecated `is_gradient_checkpointing`, which users cannot act on. Every
+    other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def cache_dir() -> Path:

@@ -10,7 +10,9 @@ A folder's family is decided by its content: a `test` file holding an object is 
 
 Prompts follow docs/method.md (Protocol): Super-NI "<Definition>\\n\\nInput: <input>" with the first output as the answer and every output
 as a reference; TRACE "TRACE task: <name>\\n\\n<prompt>". Surrounding whitespace of the definition, input and outputs is
-stripped (some SAPT outputs carry stray spaces that would otherwise become training targets).
+stripped (some SAPT outputs carry stray spaces that would otherwise become training targets). An instance with no
+non-empty output has nothing to learn or score: it is dropped with a counted warning (a split with none left is an
+error), and repeated Super-NI instance ids are counted in a warning.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import json
 import os
 import random
 import re
+import warnings
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +93,14 @@ def default_data_dirs() -> list[Path]:
 
 
 def list_tasks(data_dirs: Sequence[str | Path] | None = None) -> list[str]:
-    """Names of every task found in the data dirs: Super-NI by task number, then the others alphabetically."""
-    names = _discover(_dirs(data_dirs))
+    """Names of every task found in the data dirs: Super-NI by task number, then the others alphabetically. Data dirs
+    given here must be existing folders."""
+    dirs = _dirs(data_dirs)
+    missing = [str(d) for d in dirs if not d.is_dir()] if data_dirs is not None else []
+    if missing:
+        raise DataError(f"data folder(s) {', '.join(missing)} do not exist or are not folders; give existing folders "
+                        "of task files (--data-dir).")
+    names = _discover(dirs)
     return sorted(names, key=lambda n: (_task_number(n) is None, _task_number(n) or 0, n.lower()))
 
 
@@ -374,7 +384,31 @@ def _superni_instances(data: dict, path: Path) -> list[tuple[str, tuple[str, ...
                 f"{'an empty list' if output == [] else _kind(output)}."
             )
         rows.append((text.strip(), tuple(o.strip() for o in output)))
+    ids = Counter(json.dumps(inst["id"], sort_keys=True) for inst in instances if "id" in inst)
+    repeated = sum(n - 1 for n in ids.values())
+    if repeated:
+        warnings.warn(f"{path}: {repeated} instance(s) repeat the id of an earlier one (e.g. "
+                      f"{next(i for i, n in ids.items() if n > 1)}); check that the file holds no duplicates.",
+                      stacklevel=2)
     return rows
+
+
+def _answerable(examples: list[Example], where: str) -> list[Example]:
+    """The examples with a non-empty reference: those whose references are all empty (after stripping) have nothing
+    to learn or score and are dropped with a counted warning, and empty references beside others are dropped. A
+    split with no answerable example is refused."""
+    kept = []
+    for ex in examples:
+        refs = tuple(r for r in ex.references if r)
+        if refs:
+            kept.append(ex if refs == ex.references else replace(ex, answer=refs[0], references=refs))
+    if not kept:
+        raise DataError(f"{where}: all {len(examples)} instances have an empty output (after stripping whitespace), "
+                        "so there is nothing to train on or score. Fill in the outputs or drop the task.")
+    if len(kept) < len(examples):
+        warnings.warn(f"{where}: {len(examples) - len(kept)} of {len(examples)} instances have an empty output and "
+                      "were dropped.", stacklevel=2)
+    return kept
 
 
 def _superni_example(definition: str, text: str, outputs: tuple[str, ...]) -> Example:
@@ -427,8 +461,8 @@ def _load_superni_file(path: Path, heldout_size: int, seed: int) -> Task:
         _strip_json(path.name) or path.stem,
         path,
         definition,
-        [_superni_example(definition, *r) for r in train_rows],
-        [_superni_example(definition, *r) for r in held_rows],
+        _answerable([_superni_example(definition, *r) for r in train_rows], f"{path} (train split)"),
+        _answerable([_superni_example(definition, *r) for r in held_rows], f"{path} (held-out split)"),
     )
 
 
@@ -442,8 +476,8 @@ def _load_superni_folder(folder: Path, test_file: Path, test: dict) -> Task:
         folder.name,
         folder,
         definition,
-        [_superni_example(definition, *r) for r in _superni_instances(train, train_file)],
-        [_superni_example(definition, *r) for r in _superni_instances(test, test_file)],
+        *(_answerable([_superni_example(definition, *r) for r in _superni_instances(data, file)], str(file))
+          for data, file in ((train, train_file), (test, test_file))),
     )
 
 
@@ -466,7 +500,7 @@ def _trace_examples(data: Any, path: Path, name: str) -> list[Example]:
                 raise DataError(f"{where}: field '{field}' must be a string, got {_kind(item[field])}.")
         prompt, answer = item["prompt"].strip(), item["answer"].strip()
         examples.append(Example(f"TRACE task: {name}\n\n{prompt}", answer, (answer,), source=prompt))
-    return examples
+    return _answerable(examples, str(path))
 
 
 def _load_trace_folder(folder: Path, test_file: Path, test: list, allow_reasoning_variant: bool) -> Task:

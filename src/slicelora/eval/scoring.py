@@ -1,7 +1,9 @@
 """Per-example scorers: each maps (prediction, references, source) to a score in 0..100.
 
 A task's score is the mean of its per-example scores. Every scorer takes the best score over the references,
-except SARI, whose definition uses all references together.
+except SARI, whose definition uses all references together. An empty (or whitespace-only) reference is no answer:
+`score` ignores it, and refuses an example without any other, so that an empty prediction never earns a perfect
+score against nothing (the task loaders drop such examples).
 """
 
 from __future__ import annotations
@@ -224,12 +226,15 @@ METRICS: dict[str, Scorer] = {
 
 
 def score(metric: str, prediction: str, references: Sequence[str], source: str = "") -> float:
-    """Score one prediction with the named metric (a key of METRICS); a single string counts as one reference."""
+    """Score one prediction with the named metric (a key of METRICS); a single string counts as one reference.
+    Empty or whitespace-only references are ignored; an example with no other reference is refused (DataError)."""
     scorer = METRICS.get(metric)
     if scorer is None:
         raise ConfigError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     if isinstance(references, str):
         references = (references,)
-    if len(references) == 0:
-        raise DataError(f"metric {metric!r}: an example has no references; every example needs at least one output")
+    references = [r for r in references if r.strip()]
+    if not references:
+        raise DataError(f"metric {metric!r}: an example has no references (empty ones do not count: an empty "
+                        "prediction would score 100 against one); every example needs a non-empty output")
     return float(scorer(prediction, references, source))

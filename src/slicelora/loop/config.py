@@ -8,19 +8,21 @@ An unknown key is refused with the nearest valid key suggested.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..errors import ConfigError, InitError
+from ..eval.general import BENCHMARKS, POOL_SIZE
 from ..init import InitConfig, init_names
 from ..init.adapter import projection_settings
+from ..init.gradients import target_layers
 from .continual import cl_names
 from ..models import DEFAULT_MODEL, LLAMA_TARGETS
 
@@ -118,9 +120,21 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fingerprint(self) -> str:
-        """A hash of everything that determines the results (a run folder holds one run)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+# Settings that may change when a run is resumed, since finished work does not depend on them: the evaluation batch
+# size, and the general-ability evaluation (its scores are recomputed when its settings change).
+RESUMABLE = ("eval.batch_size", "general.")
+
+
+def changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every setting that differs."""
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+
+
+def describe(changed: dict[str, tuple[Any, Any]]) -> str:
+    """Changes as "key: old -> new" for messages."""
+    return "; ".join(f"{key}: {_show(old)} -> {_show(new)}" for key, (old, new) in changed.items())
 
 
 def library_init_config(section: InitSection, **decided: Any) -> InitConfig:
@@ -159,8 +173,10 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or say which key and file are wrong."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None and type(None) in args:
-        return None
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}: {key} is empty; give it a value, e.g. {key}={_show(get(RunConfig(), key))}.")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         hint = next(a for a in args if a is not type(None))
     if typing.get_origin(hint) is list:
@@ -173,6 +189,10 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError  # true/false is no number
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError  # int(2.5) would silently give 2
         return hint(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
         raise ConfigError(f"{where}: {key}={value!r} is not a valid {getattr(hint, '__name__', hint)}.") from None
@@ -249,30 +269,105 @@ def _parse_yaml(text: str, where: str) -> Any:
                           "!!tags and write numbers plainly, e.g. train.lr=2e-4.") from None
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# (dotted key, test, the allowed values in words): range checks that the type alone does not catch.
+RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("sequence", lambda v: bool(v.strip()), "a sequence name or a YAML file (not empty)"),
+    ("adapter.rank", lambda v: v >= 1, "an integer >= 1"),
+    ("adapter.alpha", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("adapter.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("adapter.targets", lambda v: bool(v) and all(t.strip() for t in v), "a non-empty list of module names"),
+    ("init.batches", lambda v: v >= 1, "an integer >= 1"),
+    ("init.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("init.replay_buffer", lambda v: v >= 1, "an integer >= 1"),
+    ("init.strength", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("init.gate", lambda v: -1 <= v <= 1, "a cosine threshold in [-1, 1]"),
+    ("train.epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("train.lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("train.warmup_ratio", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("train.weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("train.max_grad_norm", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("train.grad_accum", lambda v: v >= 1, "an integer >= 1"),
+    ("train.max_length", lambda v: v >= 8, "an integer >= 8 (tokens)"),
+    ("train.max_examples", lambda v: v is None or v >= 1, "null (no cap) or an integer >= 1"),
+    ("train.replay_examples", lambda v: v >= 0, "an integer >= 0 (0: no replay)"),
+    ("cl.olora_lambda", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("eval.heldout_size", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.examples", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.max_new_tokens", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("general.limit", lambda v: v >= 1, "an integer >= 1 (items per benchmark)"),
+    ("general.shots", lambda v: 0 <= v <= POOL_SIZE, f"an integer in [0, {POOL_SIZE}] (the few-shot pool's size)"),
+    ("general.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("general.max_length", lambda v: v >= 8, "an integer >= 8 (tokens)"),
+    ("general.benchmarks", lambda v: bool(v) and set(v) <= set(BENCHMARKS) and len(set(v)) == len(v),
+     f"a non-empty list of distinct names from {', '.join(BENCHMARKS)} (general.enabled=false turns them off)"),
+]
+
+
+def _show(value: Any) -> str:
+    """A value as the user would type it in an override."""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "[]"
+    return "null" if value is None else str(value)
+
+
+def get(config: RunConfig, key: str) -> Any:
+    """The value of a dotted key (e.g. "train.lr")."""
+    target = config
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
+
+
 def validate(config: RunConfig) -> None:
-    """Range checks that the type alone does not catch."""
-    checks = [
-        (config.adapter.rank >= 1, "adapter.rank must be >= 1"),
-        (config.init.batches >= 1 and config.init.batch_size >= 1, "init.batches and init.batch_size must be >= 1"),
-        (0 < config.init.strength <= 1, "init.strength (c) must lie in (0, 1]"),
-        (config.train.epochs >= 1 and config.train.batch_size >= 1 and config.train.grad_accum >= 1,
-         "train.epochs, train.batch_size and train.grad_accum must be >= 1"),
-        (config.train.max_length >= 8, "train.max_length must be >= 8"),
-        (config.eval.examples >= 1, "eval.examples must be >= 1"),
-        (0 <= config.train.warmup_ratio < 1, "train.warmup_ratio must lie in [0, 1)"),
-        (config.cl.method != "replay" or config.train.replay_examples > 0,
-         "cl.method=replay mixes train.replay_examples past examples per task into training: set "
-         "train.replay_examples > 0 (experience replay is on whenever it is > 0)"),
-        (config.cl.olora_lambda >= 0 and math.isfinite(config.cl.olora_lambda),
-         "cl.olora_lambda must be a finite number >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message + ".")
+    """Range checks that the type alone does not catch, and combinations that cannot work, before any data or model
+    is loaded. The message names the key, its value, what is allowed and the default to fall back to."""
+    defaults = RunConfig()
+    for key, ok, allowed in RANGES:
+        value = get(config, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={_show(value)} is not allowed: {key} must be {allowed}. Fix it in the YAML "
+                              f"file or with --set {key}=VALUE (default: {_show(get(defaults, key))}).")
+    if config.train.multitask and config.train.replay_examples:
+        raise ConfigError(f"train.replay_examples={config.train.replay_examples} with train.multitask=true: the one "
+                          "joint stage has no past tasks to replay. Set train.replay_examples=0 or "
+                          "train.multitask=false.")
+    if config.cl.method == "replay" and not config.train.replay_examples:
+        raise ConfigError("cl.method=replay mixes train.replay_examples past examples per task into training: set "
+                          "train.replay_examples > 0 (experience replay is on whenever it is > 0).")
     try:  # the surgery's variant settings, checked as the init will check them
         projection_settings(library_init_config(config.init)).check(config.init.surgery_mode)
     except InitError as exc:
         raise ConfigError(f"init: {exc} Set the init.* key it names.") from None
+
+
+def check_against_model(config: RunConfig, model: torch.nn.Module) -> None:
+    """What only the loaded model can tell, checked before any gradient or training work: every name in
+    adapter.targets names layers of the model (full-precision nn.Linear, as the gradient inits need), and
+    adapter.rank fits the smallest of them (2 * rank for LoRA-GA's reference and peft variants)."""
+    targets = config.adapter.targets
+    suffixes = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in suffixes]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"adapter.targets: {', '.join(missing)} name(s) no module of model {config.model}. Its "
+                          f"linear layers are named {', '.join(linear)}; set adapter.targets to some of them.")
+    try:
+        layers = target_layers(model, targets)
+    except InitError as exc:
+        raise ConfigError(f"adapter.targets={_show(targets)}: {exc}") from None
+    name, layer = min(layers.items(), key=lambda item: min(item[1].weight.shape))
+    limit = min(layer.weight.shape)
+    if config.init.method == "lora_ga" and config.init.lora_ga_variant != "paper":
+        limit //= 2  # these variants take the singular vectors r..2r of the gradient
+    if config.adapter.rank > limit:
+        raise ConfigError(f"adapter.rank={config.adapter.rank} is too large for model {config.model}: layer {name!r} "
+                          f"is {tuple(layer.weight.shape)}, so adapter.rank must be <= {limit}. Lower adapter.rank.")
 
 
 def config_from_items(items: list[tuple[str, Any, str]]) -> RunConfig:

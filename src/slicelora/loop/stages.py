@@ -18,11 +18,13 @@ from it instead of being trained and evaluated again (see sharing.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -43,12 +45,12 @@ from ..init import InitConfig, get_init, init_adapter
 from ..init.decompose import absorb
 from ..init.gradients import canonical_name
 from ..io import write_json, write_text, write_with
-from ..models import load_model
+from ..models import load_model, peft_wrapping
 from ..report.runs import write_run_summary
-from .config import RunConfig, from_dict, library_init_config
+from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict, library_init_config
 from .continual import ContinualMethod, Stage, active_methods, replay_buffer
 from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
-from .train import train_adapter
+from .train import divergence, train_adapter
 
 # InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
 CL_STATE = "cl_state.safetensors"  # the continual-learning methods' state after the stage
@@ -123,24 +125,51 @@ def _fault_point(stage: int, step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
-    """Refuse a folder that holds another run, or results that would be overwritten without --resume."""
+def check_output(path: Path) -> None:
+    """Refuse an output path that is (or lies inside) an existing file."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RunStateError(f"--output {path}: {existing} is a file, not a folder; give a new or existing folder.")
+
+
+def check_collection_dir(out: Path, what: str) -> None:
+    """Refuse, for a folder that will hold several run folders (a comparison, a study), a file or a run folder."""
+    check_output(out)
+    if (out / "config.json").is_file():
+        raise RunStateError(f"{out} is a run folder (it has config.json); give a new folder for the {what}.")
+
+
+def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> RunConfig | None:
+    """Refuse a folder that holds another run, or results that would be overwritten without --resume; write nothing.
+    Returns the config the folder was run with (None for a new folder). Only RESUMABLE settings may differ."""
+    check_output(run_dir)
     saved = run_dir / "config.json"
-    if saved.is_file():
-        try:
-            previous = from_dict(json.loads(saved.read_text()))
-        except Exception as exc:  # noqa: BLE001 - any unreadable config means "a different run"
-            raise RunStateError(f"{saved} cannot be read ({exc}); choose another --output folder.") from None
-        if previous.fingerprint() != config.fingerprint():
-            raise RunStateError(
-                f"{run_dir} holds a different run (its config.json differs from this config). "
-                "Choose another --output folder, or run with that folder's config.json to resume it."
-            )
-        if not resume and (run_dir / "stages").exists():
-            raise RunStateError(f"{run_dir} already has results of this run; pass --resume to continue it.")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunStateError(f"{run_dir} is not empty and holds no run; choose an empty or new --output folder.")
-    write_json(saved, config.to_dict())
+    if not saved.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunStateError(f"{run_dir} is not empty and holds no run; choose an empty or new --output folder.")
+        return None
+    try:
+        previous = from_dict(json.loads(saved.read_text()))
+    except Exception as exc:  # noqa: BLE001 - any unreadable config means "a different run"
+        raise RunStateError(f"{saved} cannot be read ({exc}); choose another --output folder.") from None
+    refused = {k: v for k, v in changes(previous, config).items() if not k.startswith(RESUMABLE)}
+    if refused:
+        raise RunStateError(
+            f"{run_dir} holds a different run; its config.json differs in {describe(refused)}. Choose another "
+            "--output folder, or set these back to resume it (only eval.batch_size and general.* may change)."
+        )
+    if not resume and (run_dir / "stages").exists():
+        raise RunStateError(f"{run_dir} already has results of this run; pass --resume to continue it.")
+    return previous
+
+
+def _write_run_dir(run_dir: Path, config: RunConfig, previous: RunConfig | None, tasks: list[Task]) -> None:
+    """Record the run's config and tasks, once settings, data and model have been checked. Changed general-ability
+    settings drop the scores made with the old ones (recomputed when general.enabled)."""
+    if previous is not None and previous.general != config.general:
+        (run_dir / "general.json").unlink(missing_ok=True)
+    write_json(run_dir / "config.json", config.to_dict())
+    write_json(run_dir / "tasks.json", [task.name for task in tasks])
 
 
 def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -167,7 +196,8 @@ def _save_adapter(path: Path, model: PeftModel) -> None:
 def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> torch.nn.Module:
     """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
     trained adapter, with the same operations as the live run, so the result is bitwise the same."""
-    peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
+    with peft_wrapping():
+        peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
     if _absorbs(folder):
         factors = load_file(str(folder / "init_factors.safetensors"))
         with torch.no_grad():
@@ -226,18 +256,22 @@ def run(
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     shard = (accelerator.process_index, accelerator.num_processes)
-    if main:
-        _prepare_run_dir(run_dir, config, resume)
+    previous = _check_run_dir(run_dir, config, resume) if main else None
     accelerator.wait_for_everyone()
 
     sequence = load_sequence(config.sequence)
     data_dirs = config.data_dirs or None
     tasks = [load_task(ref, data_dirs, heldout_size=config.eval.heldout_size, seed=config.seed,
                        allow_reasoning_variant=config.allow_reasoning_variant) for ref in sequence.tasks]
-    if main:
-        write_json(run_dir / "tasks.json", [task.name for task in tasks])
+    for task in tasks if main else []:
+        if len(task.heldout) < config.eval.examples:
+            warnings.warn(f"task {task.name} holds out {len(task.heldout)} examples, fewer than eval.examples="
+                          f"{config.eval.examples}: all {len(task.heldout)} are scored.", stacklevel=2)
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model, tokenizer = load_model(config.model, dtype=dtype, device=accelerator.device)
+    check_against_model(config, model)
+    if main:  # nothing is written before the settings, the data and the model have passed their checks
+        _write_run_dir(run_dir, config, previous, tasks)
     key = model_key(config.model, model)
     general = _general(run_dir, config, model, tokenizer, "base", base_general, accelerator, shared, key)
 
@@ -263,6 +297,10 @@ def run(
         start = time.perf_counter()
         if source is None:
             generations, scores = _evaluate(model, tokenizer, seen, config, shard)
+            broken = [name for name, loss in scores["losses"].items() if not math.isfinite(loss)]
+            if broken:
+                raise divergence(f"stage {t}: training diverged: the model it left gives non-finite losses on the "
+                                 f"held-out examples of {', '.join(broken)}.", config.train)
         _fault_point(t, "eval")
         if main:
             if source is None:
@@ -296,7 +334,8 @@ def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, f
     shard = (accelerator.process_index, accelerator.num_processes)
     start = time.perf_counter()
     # 1. a fresh adapter on the current merged model
-    peft_model = get_peft_model(model, lora_config(config))
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config(config))
     # 2. initialise it
     current, replay = init_batches(learn, past, config, tokenizer, t)
     report = init_adapter(peft_model, config.init.method, init_config(config, t, shared),

@@ -13,12 +13,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..data.prompts import make_batches
 from ..data.tasks import Example
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 from ..init.gradients import bf16_supported
 from ..models import set_checkpointing
 from .config import TrainSection
@@ -29,6 +30,29 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 def rank_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     """This rank's rows of a global batch (all rows with one process)."""
     return {k: batch[k][rank::world] for k in MODEL_INPUTS}
+
+
+def _diverged(loss: float, norm: float, accelerator: Accelerator) -> bool:
+    """Whether the loss or the gradient norm is non-finite on any process (all of them decide alike)."""
+    bad = torch.tensor(float(not (math.isfinite(loss) and math.isfinite(norm))), device=accelerator.device)
+    return bool(accelerator.reduce(bad, "sum").item()) if accelerator.num_processes > 1 else bool(bad.item())
+
+
+def _finite_update(model: torch.nn.Module) -> bool:
+    """Whether every LoRA layer's weight change (the scaled B A that the merge adds) is finite: finite factors can
+    still overflow in their product."""
+    with torch.no_grad():
+        return all(torch.isfinite(module.get_delta_weight(name)).all() for module in model.modules()
+                   if isinstance(module, LoraLayer) for name in module.active_adapters)
+
+
+def divergence(what: str, cfg: TrainSection) -> TrainingDiverged:
+    """The error for a diverged stage: what happened, and the settings to change."""
+    return TrainingDiverged(
+        f"{what} The stage is not marked finished; finished stages are kept. Lower train.lr (now {cfg.lr:g})"
+        + (", or set train.bf16=false" if cfg.bf16 else "")
+        + ("" if cfg.max_grad_norm else ", or clip gradients with train.max_grad_norm=1")
+        + ", and rerun into a new --output folder (a run folder holds one config).")
 
 
 def train_adapter(
@@ -45,7 +69,8 @@ def train_adapter(
     """Train the trainable parameters of `model` (the LoRA adapter) on `examples`; return the loss curve and how
     many prompts were cut from the left to fit train.max_length. `penalty()`, when given, is added once to every
     optimisation step's loss (a continual-learning method's term); the curve records the language-model loss and,
-    separately, the penalty."""
+    separately, the penalty. A non-finite loss or gradient norm stops training with TrainingDiverged before the
+    optimiser step that it would spoil."""
     start = time.perf_counter()
     stats: dict[str, int] = {}  # prompts cut from the left to fit max_length (counted once, in the first epoch)
     epochs = [make_batches(examples, tokenizer, cfg.batch_size, cfg.max_length, cfg.loss_on, seed=seed + e,
@@ -83,7 +108,13 @@ def train_adapter(
                     loss = loss + extra
                 loss.backward()
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if _diverged(step_loss, float(norm), accelerator):
+                bar.close()
+                raise divergence(f"{desc}: training diverged at optimiser step {len(losses) + 1} of {total}: the "
+                                 f"loss is {step_loss:g} and the gradient norm {float(norm):g}.", cfg)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -91,6 +122,9 @@ def train_adapter(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
     bar.close()
+    if not _finite_update(model):  # the last steps can spoil the adapter with no later loss to show it
+        raise divergence(f"{desc}: training diverged by optimiser step {total} of {total}: the adapter's weight "
+                         "change is not finite.", cfg)
     wrapped.eval()
     if cfg.gradient_checkpointing:
         set_checkpointing(model, False)

@@ -112,14 +112,15 @@ def calibrate(study: Study) -> dict[str, float]:
     from ..init.gradients import accumulate_gradients
     from ..loop.stages import lora_config
     from ..init.gradients import bf16_supported
-    from ..models import load_model
+    from ..models import load_model, peft_wrapping
 
     config = study.config(study.cells()[0])
     task = load_task(load_sequence(config.sequence).tasks[0], config.data_dirs or None,
                      heldout_size=config.eval.heldout_size, seed=config.seed,
                      allow_reasoning_variant=config.allow_reasoning_variant)
     model, tokenizer = load_model(config.model)
-    peft_model = get_peft_model(model, lora_config(config))
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config(config))
     device = torch.device("cpu")
     autocast = config.train.bf16 and bf16_supported(device)
     batches = make_batches(task.train, tokenizer, config.train.batch_size, config.train.max_length,

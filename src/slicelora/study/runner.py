@@ -26,7 +26,7 @@ from ..data.sequences import load_sequence
 from ..errors import RunStateError
 from ..io import write_json
 from ..loop.sharing import SharedWork
-from ..loop.stages import run, stage_dir
+from ..loop.stages import check_collection_dir, run, stage_dir
 from .spec import Cell, Study, differing_keys, parse_study
 
 STUDY_FILE = "study.json"
@@ -35,8 +35,7 @@ STUDY_FILE = "study.json"
 def prepare_study_dir(out: Path, study: Study, resume: bool) -> None:
     """Refuse a folder that is a run, holds another study, or holds this study's results without --resume; then
     write study.json."""
-    if (out / "config.json").is_file():
-        raise RunStateError(f"{out} is a run folder (it has config.json); give a new folder for the study.")
+    check_collection_dir(out, "study")
     saved = out / STUDY_FILE
     if saved.is_file():
         try:
