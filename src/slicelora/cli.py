@@ -27,7 +27,10 @@ DEMO_QUICK = DEMO + ["init.batches=2", "init.replay_buffer=16", "train.max_examp
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (paper defaults for anything not set).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key=value, e.g. train.lr=2e-4.")]
-DataDirOpt = Annotated[Optional[list[Path]], typer.Option("--data-dir", help="Extra task data folder(s).")]
+DataDirOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--data-dir", help="Task data folder(s), searched before $SLICELORA_DATA and the shipped data (added to them).")]
+DataOnlyOpt = Annotated[bool, typer.Option(
+    "--data-only", help="Search only the --data-dir folders, not $SLICELORA_DATA nor the shipped data.")]
 
 
 def _fail(exc: SliceLoraError) -> None:
@@ -35,13 +38,15 @@ def _fail(exc: SliceLoraError) -> None:
     raise typer.Exit(2)
 
 
-def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None) -> list[str]:
+def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None, data_only=False) -> list[str]:
     out = list(sets or [])
     for key, value in (("init.method", method), ("sequence", sequence), ("model", model)):
         if value is not None:
             out.append(f"{key}={value}")
     if data_dirs:
         out.append("data_dirs=" + ",".join(str(d) for d in data_dirs))
+    if data_only:
+        out.append("data_only=true")
     return out
 
 
@@ -95,6 +100,7 @@ def run(
     sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
+    data_only: DataOnlyOpt = False,
     resume: Annotated[bool, typer.Option(help="Continue a stopped run in --output.")] = False,
 ) -> None:
     """Run one method on one task sequence; writes R, metrics, generations and adapters to --output."""
@@ -105,7 +111,7 @@ def run(
     from .report.runs import read_run
 
     try:
-        cfg = load_config(config, _overrides(set, method, sequence, model, data_dir))
+        cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only))
         accelerator = _accelerator()
         folder = run_stages(cfg, output, resume=resume, accelerator=accelerator)
         if accelerator.is_main_process:
@@ -125,11 +131,12 @@ def compare(
     sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
+    data_only: DataOnlyOpt = False,
     resume: Annotated[bool, typer.Option(help="Continue stopped runs in --output.")] = False,
 ) -> None:
     """Run several methods on one sequence and write one table and the plots."""
     try:
-        _compare(config, _overrides(set, None, sequence, model, data_dir), methods, output, resume)
+        _compare(config, _overrides(set, None, sequence, model, data_dir, data_only), methods, output, resume)
     except SliceLoraError as exc:
         _fail(exc)
 
@@ -220,6 +227,7 @@ def mine(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/mine"),
     model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
+    data_only: DataOnlyOpt = False,
     batches: Annotated[int, typer.Option(help="Gradient batches per task.")] = 4,
     batch_size: int = 4,
     max_length: int = 256,
@@ -232,12 +240,12 @@ def mine(
 ) -> None:
     """Find the most opposed task subsets by gradient cosine on the base model (docs/method.md, mining) and write a YAML of
     sequences that `slicelora run --sequence FILE.yaml:NAME` accepts."""
-    from .data.tasks import list_tasks, load_task
+    from .data.tasks import list_tasks, load_task, search_dirs
     from .mining import SignatureSettings, mine as mine_tasks, write_mining_outputs
     from .models import load_model
 
     try:
-        dirs = [str(d) for d in data_dir] if data_dir else None
+        dirs = search_dirs(data_dir, data_only)
         refs = list_tasks(dirs) if pool == "all" else [r.strip() for r in pool.split(",") if r.strip()]
         tasks = [load_task(r, dirs, seed=seed, allow_reasoning_variant=allow_reasoning_variant) for r in refs]
         settings = SignatureSettings(batches=batches, batch_size=batch_size, max_length=max_length, seed=seed,
@@ -255,12 +263,15 @@ def mine(
 
 
 @app.command()
-def tasks(data_dir: DataDirOpt = None) -> None:
+def tasks(data_dir: DataDirOpt = None, data_only: DataOnlyOpt = False) -> None:
     """List the tasks found in the data folders."""
-    from .data.tasks import list_tasks
+    from .data.tasks import list_tasks, search_dirs
 
-    for name in list_tasks([str(d) for d in data_dir] if data_dir else None):
-        console.print(name)
+    try:
+        for name in list_tasks(search_dirs(data_dir, data_only)):
+            console.print(name)
+    except SliceLoraError as exc:
+        _fail(exc)
 
 
 @app.command()

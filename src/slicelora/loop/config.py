@@ -88,7 +88,8 @@ class GeneralSection:
 class RunConfig:
     sequence: str = "demo"
     model: str = DEFAULT_MODEL
-    data_dirs: list[str] = field(default_factory=list)
+    data_dirs: list[str] = field(default_factory=list)  # task folders searched before $SLICELORA_DATA and the shipped data
+    data_only: bool = False  # search only data_dirs (leave out $SLICELORA_DATA and the shipped data)
     allow_reasoning_variant: bool = False  # MeetingBank: train on TRACE's reasoning-augmented split
     seed: int = 42
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -229,6 +230,8 @@ def validate(config: RunConfig) -> None:
         (config.train.max_length >= 8, "train.max_length must be >= 8"),
         (config.eval.examples >= 1, "eval.examples must be >= 1"),
         (0 <= config.train.warmup_ratio < 1, "train.warmup_ratio must lie in [0, 1)"),
+        (config.data_dirs or not config.data_only,
+         "data_only=true needs data_dirs (--data-dir PATH): with neither there would be no task data"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.prompts import make_batches
 from ..data.sequences import load_sequence
-from ..data.tasks import Example, Task, load_task
+from ..data.tasks import Example, Task, load_task, search_dirs
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
 from ..eval.tasks import evaluate_task
@@ -236,7 +236,7 @@ def run(
     accelerator.wait_for_everyone()
 
     sequence = load_sequence(config.sequence)
-    data_dirs = config.data_dirs or None
+    data_dirs = search_dirs(config.data_dirs, config.data_only)
     tasks = [load_task(ref, data_dirs, heldout_size=config.eval.heldout_size, seed=config.seed,
                        allow_reasoning_variant=config.allow_reasoning_variant) for ref in sequence.tasks]
     if main:
