@@ -1,7 +1,7 @@
 """Loaders of the general-ability sets (HellaSwag, CommonsenseQA, BBH object counting, Alpaca).
 
-The files ship inside the package, in `slicelora/datasets/general/` (see its README for sources and licences), each as `.json` /
-`.jsonl` or gzipped. Every loader validates what it reads and raises DataError naming the file, the line or item,
+The files ship inside the package, in `slicelora/datasets/general/` (see its README for sources and licences), each
+as `.json` / `.jsonl` or gzipped. Every loader validates what it reads and raises DataError naming the file, the line or item,
 and the field, so a malformed file never surfaces as a KeyError or JSONDecodeError.
 """
 

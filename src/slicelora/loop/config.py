@@ -88,8 +88,8 @@ class GeneralSection:
 class RunConfig:
     sequence: str = "demo"
     model: str = DEFAULT_MODEL
-    data_dirs: list[str] = field(default_factory=list)  # task folders searched before $SLICELORA_DATA and the shipped data
-    data_only: bool = False  # search only data_dirs (leave out $SLICELORA_DATA and the shipped data)
+    data_dirs: list[str] = field(default_factory=list)  # task folders, searched before $SLICELORA_DATA and shipped data
+    data_only: bool = False  # search data_dirs alone (leave out $SLICELORA_DATA and the shipped data)
     allow_reasoning_variant: bool = False  # MeetingBank: train on TRACE's reasoning-augmented split
     seed: int = 42
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
