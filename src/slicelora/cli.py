@@ -1,4 +1,4 @@
-"""The `slicelora` command: run, compare, report, demo, mine, and listings of tasks and sequences."""
+"""The `slicelora` command: run, compare, study, report, export, demo, mine; listings of tasks, methods, sequences."""
 
 from __future__ import annotations
 
@@ -201,6 +201,23 @@ def report(
         console.print("written: " + ", ".join(str(p) for p in written))
     except SliceLoraError as exc:
         _fail(exc)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
+    stage: Annotated[Optional[int], typer.Option(help="The stage to export (default: the last finished one).")] = None,
+    merged: Annotated[Optional[Path], typer.Option(help="Write the model after the stage here (a new or empty folder): AutoModelForCausalLM loads it.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Write the stage's change here as a PEFT LoRA adapter: DIR/adapter, on DIR/base (the model before the stage).")] = None,
+) -> None:
+    """Export a finished stage as standard Hugging Face folders: the merged model and/or the stage's LoRA adapter."""
+    from .export import export_stage
+
+    try:
+        written = export_stage(run_dir, stage, merged=merged, adapter=adapter)
+    except SliceLoraError as exc:
+        _fail(exc)
+    console.print("written: " + ", ".join(str(p) for p in written), markup=False)
 
 
 @app.command()
