@@ -171,6 +171,8 @@ def test_data_dirs_add_to_the_defaults_unless_data_only(monkeypatch: pytest.Monk
     with pytest.raises(ConfigError, match="needs at least one data folder"):
         search_dirs([], only=True)
     assert load_task("363", search_dirs([extra])).path.parent == extra  # the given folder wins a name clash
+    write_json(tmp_path / "other" / "task875_my_emotions.json", superni(8))  # and a number clash (other name)
+    assert load_task("875", search_dirs([tmp_path / "other"])).name == "task875_my_emotions"
     assert load_task("1687", search_dirs([extra])).path.parent == SHIPPED_DATA_DIR / "superni"
     with pytest.raises(DataError, match="'1687' was not found"):
         load_task("1687", search_dirs([extra], only=True))

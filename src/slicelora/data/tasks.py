@@ -265,18 +265,21 @@ def _resolve(ref: str | Path, data_dirs: list[Path]) -> Path:
             raise DataError(f"task path {path} does not exist. Give an existing task file or folder, or a task name.")
         return path
     key = ref.strip()
-    found = _discover(data_dirs)
     match = _NUMBER_REF.fullmatch(key)
     number = int(match.group(1)) if match else None
-    if number is not None:
-        matches = [n for n in found if _task_number(n) == number]
-    else:
-        matches = [n for n in found if n.lower() == key.lower()]
-    if len(matches) == 1:
-        return found[matches[0]]
-    if len(matches) > 1:
-        listing = ", ".join(f"{n} ({found[n]})" for n in matches)
-        raise DataError(f"task reference {ref!r} is ambiguous: it matches {listing}. Use the full task name.")
+    found: dict[str, Path] = {}
+    for root in data_dirs:  # the first folder holding the task wins, as for names in _discover
+        here = _discover([root])
+        if number is not None:
+            matches = [n for n in here if _task_number(n) == number]
+        else:
+            matches = [n for n in here if n.lower() == key.lower()]
+        if len(matches) == 1:
+            return here[matches[0]]
+        if len(matches) > 1:
+            listing = ", ".join(f"{n} ({here[n]})" for n in matches)
+            raise DataError(f"task reference {ref!r} is ambiguous: it matches {listing}. Use the full task name.")
+        found = {**here, **found}
     raise DataError(_not_found_message(key, number, found, data_dirs))
 
 
