@@ -31,8 +31,7 @@ from .loop.stages import merged_model, stage_absorbs, stage_dir
 from .report.runs import Run, read_run
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-STAGE_FILES = ("adapter/adapter_config.json", f"adapter/{ADAPTER_WEIGHTS}", "init.json", "train.json",
-                 "scores.json")
+STAGE_FILES = ("adapter/adapter_config.json", f"adapter/{ADAPTER_WEIGHTS}", "init.json", "train.json", "scores.json")
 
 
 def export_stage(run_dir: str | Path, stage: int | None = None, *, merged: str | Path | None = None,
@@ -51,9 +50,10 @@ def export_stage(run_dir: str | Path, stage: int | None = None, *, merged: str |
     for out in outputs:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"export folder {out} exists and is not empty; give a new or empty folder.")
-    if len(outputs) == 2 and (outputs[0].resolve() in (outputs[1].resolve(), *outputs[1].resolve().parents)
-                              or outputs[1].resolve() in outputs[0].resolve().parents):
-        raise ConfigError(f"--merged {outputs[0]} and --adapter {outputs[1]} overlap; give two separate folders.")
+    if len(outputs) == 2:
+        first, second = (out.resolve() for out in outputs)
+        if first == second or first in second.parents or second in first.parents:
+            raise ConfigError(f"--merged {merged} and --adapter {adapter} overlap; give two separate folders.")
     written = []
     if merged is not None:
         model, tokenizer = merged_model(run_dir, stage)

@@ -176,10 +176,9 @@ def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
 def _save_adapter(path: Path, model: PeftModel) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for config in model.peft_config.values():  # a set is saved in hash order, which changes between processes
-        if isinstance(config.target_modules, set):
-            config.target_modules = sorted(config.target_modules)
     for config in model.peft_config.values():
+        if isinstance(config.target_modules, set):  # a set is saved in hash order, which changes between processes
+            config.target_modules = sorted(config.target_modules)
         config.base_model_name_or_path = STAGE_ADAPTER_BASE
     model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary is never resized; no base to compare
     (tmp / "README.md").write_text(STAGE_ADAPTER_README, encoding="utf-8")  # PEFT's card names the raw base model
