@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from slicelora.data.sequences import Sequence, list_sequences, load_sequence
-from slicelora.data.tasks import REPO_DATA_DIR, load_task
+from slicelora.data.tasks import SHIPPED_DATA_DIR, load_task
 from slicelora.errors import DataError
 
-SHIPPED = [REPO_DATA_DIR]
+SHIPPED = [SHIPPED_DATA_DIR]
 PAPER = {  # the paper's sequences, in order
     "ni-seq-g1": ["618", "1290", "589", "511", "1357"],
     "ni-seq-g2": ["1355", "141", "619", "163", "002"],

@@ -10,17 +10,18 @@ from pathlib import Path
 import pytest
 
 from slicelora.data.tasks import (
-    REPO_DATA_DIR,
+    SHIPPED_DATA_DIR,
     Example,
     default_data_dirs,
     list_tasks,
     load_task,
+    search_dirs,
     split_heldout,
 )
 from slicelora.errors import ConfigError, DataError
 
-SHIPPED = [REPO_DATA_DIR]
-# (train, held-out) instance counts from data/superni/README.md and data/trace/README.md
+SHIPPED = [SHIPPED_DATA_DIR]
+# (train, held-out) instance counts from the shipped superni/README.md and trace/README.md
 SUPERNI_COUNTS = {
     "task002_quoref_answer_generation": (1000, 100),
     "task073_commonsenseqa_answer_generation": (975, 100),
@@ -88,7 +89,7 @@ def test_shipped_superni_counts_metrics_and_prompts(name: str) -> None:
     task = load_task(name, SHIPPED)
     assert task.name == name and task.family == "superni"
     assert (len(task.train), len(task.heldout)) == SUPERNI_COUNTS[name]
-    assert task.path == REPO_DATA_DIR / "superni" / name
+    assert task.path == SHIPPED_DATA_DIR / "superni" / name
     if name in CLASSIFICATION:
         assert (task.metric, task.native_metric) == ("exact_match", "official_exact_match")
     else:
@@ -138,9 +139,9 @@ def test_list_tasks_and_default_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert len(names) == 23 and set(SUPERNI_COUNTS) | set(TRACE_COUNTS) | {"MeetingBank"} == set(names)
     assert names[0] == "task002_quoref_answer_generation" and names[14] == "task1729_personachat_generate_next"
     monkeypatch.setenv("SLICELORA_DATA", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
-    assert default_data_dirs() == [tmp_path / "a", tmp_path / "b", REPO_DATA_DIR]
+    assert default_data_dirs() == [tmp_path / "a", tmp_path / "b", SHIPPED_DATA_DIR]
     monkeypatch.delenv("SLICELORA_DATA")
-    assert default_data_dirs() == [REPO_DATA_DIR]
+    assert default_data_dirs() == [SHIPPED_DATA_DIR]
 
 
 def test_env_dir_comes_first_and_is_searched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -149,7 +150,43 @@ def test_env_dir_comes_first_and_is_searched(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("SLICELORA_DATA", str(tmp_path))
     assert load_task("363").path == tmp_path / "tasks" / "task363_sst2_polarity_classification.json"
     assert load_task("618").name == "task618_new_task"
-    assert load_task("1687").path.parent == REPO_DATA_DIR / "superni"
+    assert load_task("1687").path.parent == SHIPPED_DATA_DIR / "superni"
+
+
+def test_data_dirs_add_to_the_defaults_unless_data_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--data-dir / config data_dirs come first and add to $SLICELORA_DATA and the shipped data; --data-only
+    (data_only) searches them alone; the CLI's `tasks` listing follows the same rule."""
+    from typer.testing import CliRunner
+
+    from slicelora.cli import app
+    from slicelora.loop.config import load_config
+
+    extra, env = tmp_path / "extra", tmp_path / "env"
+    write_json(extra / "task618_new_task.json", superni(8))
+    write_json(extra / "task363_sst2_polarity_classification.json", superni(8))
+    monkeypatch.setenv("SLICELORA_DATA", str(env))
+    assert search_dirs() == [env, SHIPPED_DATA_DIR]
+    assert search_dirs([str(extra), extra]) == [extra, env, SHIPPED_DATA_DIR]
+    assert search_dirs([extra], only=True) == [extra]
+    with pytest.raises(ConfigError, match="needs at least one data folder"):
+        search_dirs([], only=True)
+    assert load_task("363", search_dirs([extra])).path.parent == extra  # the given folder wins a name clash
+    write_json(tmp_path / "other" / "task875_my_emotions.json", superni(8))  # and a number clash (other name)
+    assert load_task("875", search_dirs([tmp_path / "other"])).name == "task875_my_emotions"
+    assert load_task("1687", search_dirs([extra])).path.parent == SHIPPED_DATA_DIR / "superni"
+    with pytest.raises(DataError, match="'1687' was not found"):
+        load_task("1687", search_dirs([extra], only=True))
+    with pytest.raises(ConfigError, match="data_only=true needs data_dirs"):
+        load_config(None, ["data_only=true"])
+
+    runner = CliRunner()
+    added = runner.invoke(app, ["tasks", "--data-dir", str(extra)])
+    assert added.exit_code == 0 and {"task618_new_task", "task1687_sentiment140_classification"} <= set(
+        added.output.split())
+    only = runner.invoke(app, ["tasks", "--data-dir", str(extra), "--data-only"])
+    assert only.exit_code == 0 and only.output.split() == ["task363_sst2_polarity_classification", "task618_new_task"]
+    refused = runner.invoke(app, ["tasks", "--data-only"])
+    assert refused.exit_code == 2 and "needs at least one data folder" in refused.output
 
 
 # ---------------------------------------------------------------- layouts
@@ -205,7 +242,7 @@ def test_reference_forms_on_shipped_data() -> None:
         assert load_task(ref, SHIPPED).name == name
     for ref in ("c-stance", "C-STANCE", "numglue-CM"):
         assert load_task(ref, SHIPPED).name.lower() == ref.lower()
-    folder = REPO_DATA_DIR / "trace" / "FOMC"
+    folder = SHIPPED_DATA_DIR / "trace" / "FOMC"
     assert load_task(str(folder), []).name == "FOMC"
 
 
@@ -257,7 +294,7 @@ def expect_error(ref: object, *fragments: str, dirs: list[Path] | None = None, *
 
 
 def test_unknown_superni_number_points_at_natural_instructions() -> None:
-    msg = expect_error("618", "'618' was not found", str(REPO_DATA_DIR), "natural-instructions", "SLICELORA_DATA",
+    msg = expect_error("618", "'618' was not found", str(SHIPPED_DATA_DIR), "natural-instructions", "SLICELORA_DATA",
                        "--data-dir", dirs=SHIPPED)
     assert "Nearest names:" in msg
 

@@ -10,11 +10,11 @@ import pytest
 from conftest import toy_examples
 
 from slicelora.data.sequences import load_sequence
-from slicelora.data.tasks import REPO_DATA_DIR, Task, load_task
+from slicelora.data.tasks import SHIPPED_DATA_DIR, Task, load_task
 from slicelora.data.transforms import transform_task
 from slicelora.errors import DataError
 
-SHIPPED = [REPO_DATA_DIR]
+SHIPPED = [SHIPPED_DATA_DIR]
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.~%+=;()-]+")  # no "/", "\", ":", "*", "?", quotes, spaces or control characters
 EMOTIONS = "anger=anger;fear=fear;joy=sadness;love=love;sadness=joy;surprise=surprise"
 

@@ -1,4 +1,4 @@
-"""The `slicelora` command: run, compare, report, demo, mine, and listings of tasks and sequences."""
+"""The `slicelora` command: run, compare, study, report, export, demo, mine; listings of tasks, methods, sequences."""
 
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ DEMO_QUICK = DEMO + ["init.batches=2", "init.replay_buffer=16", "train.max_examp
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (paper defaults for anything not set).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key=value, e.g. train.lr=2e-4.")]
-DataDirOpt = Annotated[Optional[list[Path]], typer.Option("--data-dir", help="Extra task data folder(s).")]
+DataDirOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--data-dir", help="Task data folder(s), searched before $SLICELORA_DATA and the shipped data (added to them).")]
+DataOnlyOpt = Annotated[bool, typer.Option(
+    "--data-only", help="Search only the --data-dir folders, not $SLICELORA_DATA nor the shipped data.")]
 
 
 def _fail(exc: SliceLoraError) -> None:
@@ -55,13 +58,15 @@ def _handled(resumable: bool = False) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None) -> list[str]:
+def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None, data_only=False) -> list[str]:
     out = list(sets or [])
     for key, value in (("init.method", method), ("sequence", sequence), ("model", model)):
         if value is not None:
             out.append(f"{key}={value}")
     if data_dirs:
         out.append("data_dirs=" + ",".join(str(d) for d in data_dirs))
+    if data_only:
+        out.append("data_only=true")
     return out
 
 
@@ -120,6 +125,7 @@ def run(
     sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
+    data_only: DataOnlyOpt = False,
     resume: Annotated[bool, typer.Option(help="Continue a stopped run in --output.")] = False,
 ) -> None:
     """Run one method on one task sequence; writes R, metrics, generations and adapters to --output."""
@@ -130,7 +136,7 @@ def run(
     from .report.runs import read_run
 
     with _handled(resumable=True):
-        cfg = load_config(config, _overrides(set, method, sequence, model, data_dir))
+        cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only))
         accelerator = _accelerator()
         folder = run_stages(cfg, output, resume=resume, accelerator=accelerator)
         if accelerator.is_main_process:
@@ -148,11 +154,12 @@ def compare(
     sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
+    data_only: DataOnlyOpt = False,
     resume: Annotated[bool, typer.Option(help="Continue stopped runs in --output.")] = False,
 ) -> None:
     """Run several methods on one sequence and write one table and the plots."""
     with _handled(resumable=True):
-        _compare(config, _overrides(set, None, sequence, model, data_dir), methods, output, resume)
+        _compare(config, _overrides(set, None, sequence, model, data_dir, data_only), methods, output, resume)
 
 
 @app.command()
@@ -214,6 +221,21 @@ def report(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
+    stage: Annotated[Optional[int], typer.Option(help="The stage to export (default: the last finished one).")] = None,
+    merged: Annotated[Optional[Path], typer.Option(help="Write the model after the stage here (a new or empty folder): AutoModelForCausalLM loads it.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Write the stage's change here as a PEFT LoRA adapter: DIR/adapter, on DIR/base (the model before the stage).")] = None,
+) -> None:
+    """Export a finished stage as standard Hugging Face folders: the merged model and/or the stage's LoRA adapter."""
+    from .export import export_stage
+
+    with _handled():
+        written = export_stage(run_dir, stage, merged=merged, adapter=adapter)
+    console.print("written: " + ", ".join(str(p) for p in written), markup=False)
+
+
+@app.command()
 def demo(
     quick: Annotated[bool, typer.Option(help="A ~3.5 minute version: fewer examples, no general-ability eval.")] = False,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/demo"),
@@ -235,6 +257,7 @@ def mine(
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("runs/mine"),
     model: Annotated[Optional[str], typer.Option(help="Local model folder (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
+    data_only: DataOnlyOpt = False,
     batches: Annotated[int, typer.Option(help="Gradient batches per task.")] = 4,
     batch_size: int = 4,
     max_length: int = 256,
@@ -247,12 +270,12 @@ def mine(
 ) -> None:
     """Find the most opposed task subsets by gradient cosine on the base model (docs/method.md, mining) and write a YAML of
     sequences that `slicelora run --sequence FILE.yaml:NAME` accepts."""
-    from .data.tasks import list_tasks, load_task
+    from .data.tasks import list_tasks, load_task, search_dirs
     from .mining import SignatureSettings, mine as mine_tasks, write_mining_outputs
     from .models import load_model
 
     with _handled():
-        dirs = [str(d) for d in data_dir] if data_dir else None
+        dirs = search_dirs(data_dir, data_only)
         refs = list_tasks(dirs) if pool == "all" else [r.strip() for r in pool.split(",") if r.strip()]
         tasks = [load_task(r, dirs, seed=seed, allow_reasoning_variant=allow_reasoning_variant) for r in refs]
         settings = SignatureSettings(batches=batches, batch_size=batch_size, max_length=max_length, seed=seed,
@@ -268,15 +291,15 @@ def mine(
 
 
 @app.command()
-def tasks(data_dir: DataDirOpt = None) -> None:
+def tasks(data_dir: DataDirOpt = None, data_only: DataOnlyOpt = False) -> None:
     """List the tasks found in the data folders."""
-    from .data.tasks import default_data_dirs, list_tasks
+    from .data.tasks import list_tasks, search_dirs
 
     with _handled():
-        dirs = [str(d) for d in data_dir] if data_dir else None
+        dirs = search_dirs(data_dir, data_only)
         names = list_tasks(dirs)
         if not names:
-            searched = ", ".join(map(str, dirs or default_data_dirs())) or "none"
+            searched = ", ".join(map(str, dirs)) or "none"
             raise DataError(f"no tasks found in the data folders searched ({searched}); give --data-dir folders "
                             "that hold task files or folders.")
     for name in names:

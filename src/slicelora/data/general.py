@@ -1,7 +1,7 @@
 """Loaders of the general-ability sets (HellaSwag, CommonsenseQA, BBH object counting, Alpaca).
 
-The files ship in the repository's `data/general/` (see its README for sources and licences), each as `.json` /
-`.jsonl` or gzipped. Every loader validates what it reads and raises DataError naming the file, the line or item,
+The files ship inside the package, in `slicelora/datasets/general/` (see its README for sources and licences), each
+as `.json` / `.jsonl` or gzipped. Every loader validates what it reads and raises DataError naming the file, the line or item,
 and the field, so a malformed file never surfaces as a KeyError or JSONDecodeError.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .tasks import SHIPPED_DATA_DIR
 
 HELLASWAG_FILE = "hellaswag/hellaswag_val_first1000.jsonl"
 COMMONSENSEQA_FILE = "commonsenseqa/dev_rand_split.jsonl"
@@ -51,8 +52,8 @@ class InstructionItem:
 
 
 def general_data_dir() -> Path:
-    """The repository's `data/general` (src/slicelora/data/general.py -> ../../../data/general)."""
-    return Path(__file__).resolve().parents[3] / "data" / "general"
+    """The shipped general-ability sets: the package's `datasets/general` folder."""
+    return SHIPPED_DATA_DIR / "general"
 
 
 def find_general_file(name: str, data_dir: str | Path | None = None) -> Path:
@@ -63,7 +64,8 @@ def find_general_file(name: str, data_dir: str | Path | None = None) -> Path:
             return path
     raise DataError(
         f"general-ability file {name!r} not found: looked for {root / name} and {root / name}.gz. "
-        "Restore the repository's data/general folder or pass the folder that holds it."
+        f"Pass the folder that holds the general-ability sets (default: the shipped {general_data_dir()}; "
+        "reinstall slicelora if a file is missing there)."
     )
 
 

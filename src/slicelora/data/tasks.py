@@ -34,7 +34,7 @@ from typing import Any
 from slicelora.errors import ConfigError, DataError
 
 ENV_VAR = "SLICELORA_DATA"
-REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "data"  # src/slicelora/data/tasks.py -> <repo>/data
+SHIPPED_DATA_DIR = Path(__file__).resolve().parents[1] / "datasets"  # the package data: slicelora/datasets
 SEARCH_DEPTH = 3  # folder levels below a data dir searched for tasks: <dir>/superni/tasks/<task> is depth 3
 # Super-NI classification rule (our choice; the paper only says "classification tasks"): over the train split, the distinct
 # outputs number at most MAX_LABELS, each at most MAX_LABEL_CHARS long, and each label is used twice on average.
@@ -85,11 +85,22 @@ class Task:
 
 
 def default_data_dirs() -> list[Path]:
-    """The folders searched for tasks: entries of $SLICELORA_DATA first, then the repo's shipped `data/` folder."""
+    """The folders searched for tasks: entries of $SLICELORA_DATA first, then the data shipped in the package."""
     dirs = [_expand(p, ENV_VAR) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
-    if REPO_DATA_DIR.is_dir():
-        dirs.append(REPO_DATA_DIR)
+    if SHIPPED_DATA_DIR.is_dir():
+        dirs.append(SHIPPED_DATA_DIR)
     return dirs
+
+
+def search_dirs(extra: Sequence[str | Path] | None = None, only: bool = False) -> list[Path]:
+    """The data dirs of a run or command: `extra` (--data-dir, config `data_dirs`) before the defaults, so its
+    tasks win a name clash; with `only` (--data-only, config `data_only`) the defaults are left out."""
+    extra = [_expand(d, "data_dirs") for d in extra or []]
+    if only and not extra:
+        raise ConfigError("data_only (--data-only) needs at least one data folder: give --data-dir PATH "
+                          "(config key data_dirs), or drop data_only to use the shipped data.")
+    dirs = extra if only else extra + default_data_dirs()
+    return list(dict.fromkeys(dirs))
 
 
 def list_tasks(data_dirs: Sequence[str | Path] | None = None) -> list[str]:
@@ -264,18 +275,21 @@ def _resolve(ref: str | Path, data_dirs: list[Path]) -> Path:
             raise DataError(f"task path {path} does not exist. Give an existing task file or folder, or a task name.")
         return path
     key = ref.strip()
-    found = _discover(data_dirs)
     match = _NUMBER_REF.fullmatch(key)
     number = int(match.group(1)) if match else None
-    if number is not None:
-        matches = [n for n in found if _task_number(n) == number]
-    else:
-        matches = [n for n in found if n.lower() == key.lower()]
-    if len(matches) == 1:
-        return found[matches[0]]
-    if len(matches) > 1:
-        listing = ", ".join(f"{n} ({found[n]})" for n in matches)
-        raise DataError(f"task reference {ref!r} is ambiguous: it matches {listing}. Use the full task name.")
+    found: dict[str, Path] = {}
+    for root in data_dirs:  # the first folder holding the task wins, as for names in _discover
+        here = _discover([root])
+        if number is not None:
+            matches = [n for n in here if _task_number(n) == number]
+        else:
+            matches = [n for n in here if n.lower() == key.lower()]
+        if len(matches) == 1:
+            return here[matches[0]]
+        if len(matches) > 1:
+            listing = ", ".join(f"{n} ({here[n]})" for n in matches)
+            raise DataError(f"task reference {ref!r} is ambiguous: it matches {listing}. Use the full task name.")
+        found = {**here, **found}
     raise DataError(_not_found_message(key, number, found, data_dirs))
 
 

@@ -107,7 +107,8 @@ class CLSection:
 class RunConfig:
     sequence: str = "demo"
     model: str = DEFAULT_MODEL
-    data_dirs: list[str] = field(default_factory=list)
+    data_dirs: list[str] = field(default_factory=list)  # task folders, searched before $SLICELORA_DATA and shipped data
+    data_only: bool = False  # search data_dirs alone (leave out $SLICELORA_DATA and the shipped data)
     allow_reasoning_variant: bool = False  # MeetingBank: train on TRACE's reasoning-augmented split
     seed: int = 42
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -333,6 +334,9 @@ def validate(config: RunConfig) -> None:
         if not ok(value):
             raise ConfigError(f"{key}={_show(value)} is not allowed: {key} must be {allowed}. Fix it in the YAML "
                               f"file or with --set {key}=VALUE (default: {_show(get(defaults, key))}).")
+    if config.data_only and not config.data_dirs:
+        raise ConfigError("data_only=true needs data_dirs (--data-dir PATH): with neither there would be no task "
+                          "data. Give --data-dir or set data_only=false.")
     if config.train.multitask and config.train.replay_examples:
         raise ConfigError(f"train.replay_examples={config.train.replay_examples} with train.multitask=true: the one "
                           "joint stage has no past tasks to replay. Set train.replay_examples=0 or "

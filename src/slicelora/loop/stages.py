@@ -34,10 +34,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
 
 from ..data.prompts import make_batches
 from ..data.sequences import load_sequence
-from ..data.tasks import Example, Task, load_task
+from ..data.tasks import Example, Task, load_task, search_dirs
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
 from ..eval.tasks import evaluate_task
@@ -55,6 +56,20 @@ from .train import divergence, train_adapter
 # InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
 CL_STATE = "cl_state.safetensors"  # the continual-learning methods' state after the stage
 RUN_DEPENDENT = ("seconds", "gradients_from_cache", "gradient_sets_from_cache")
+# A stage adapter's base_model_name_or_path: it fits no saved model (see STAGE_ADAPTER_README), so it names none and
+# AutoPeftModelForCausalLM fails loudly, quoting this text, instead of loading it onto the wrong weights.
+STAGE_ADAPTER_BASE = "not a path: a slicelora stage adapter fits the run's model before this stage, see README.md"
+STAGE_ADAPTER_README = """# A slicelora stage adapter
+
+This LoRA adapter (PEFT format) is one stage of a slicelora run. It fits no model saved anywhere: its base is the
+run's model merged up to the previous stage, and for absorbing inits (init.json: "absorbs": true) with this stage's
+initial factors subtracted (W - s B0 A0, from init_factors.safetensors). So `base_model_name_or_path` names no model.
+
+- Rebuild its base in Python: `slicelora.loop.stages.stage_base_model(run_folder, stage)`, then
+  `PeftModel.from_pretrained(base, this_folder)`.
+- Or export standard folders: `slicelora export RUN --stage t --merged DIR` (the model after the stage) or
+  `--adapter DIR` (the stage's change as a LoRA adapter on the exported model of the previous stage).
+"""
 
 
 # --- data for one stage ----------------------------------------------------------------------------------------
@@ -185,10 +200,12 @@ def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
 def _save_adapter(path: Path, model: PeftModel) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for config in model.peft_config.values():  # a set is saved in hash order, which changes between processes
-        if isinstance(config.target_modules, set):
+    for config in model.peft_config.values():
+        if isinstance(config.target_modules, set):  # a set is saved in hash order, which changes between processes
             config.target_modules = sorted(config.target_modules)
-    model.save_pretrained(tmp)
+        config.base_model_name_or_path = STAGE_ADAPTER_BASE
+    model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary is never resized; no base to compare
+    (tmp / "README.md").write_text(STAGE_ADAPTER_README, encoding="utf-8")  # PEFT's card names the raw base model
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -198,7 +215,7 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
     trained adapter, with the same operations as the live run, so the result is bitwise the same."""
     with peft_wrapping():
         peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
-    if _absorbs(folder):
+    if stage_absorbs(folder):
         factors = load_file(str(folder / "init_factors.safetensors"))
         with torch.no_grad():
             for name, module in peft_model.named_modules():
@@ -210,11 +227,22 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
     return peft_model.merge_and_unload()
 
 
-def _absorbs(folder: Path) -> bool:
+def stage_absorbs(folder: Path) -> bool:
     """Whether a finished stage's init was absorbed into the base weight (its init record says so; records written
     before it did are looked up by method)."""
     init = json.loads((folder / "init.json").read_text())
     return init["absorbs"] if "absorbs" in init else get_init(init["method"]).absorbs
+
+
+def merged_model(run_dir: str | Path, stage: int) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The run's model after its first `stage` stages (0: the base model), rebuilt from the run folder, and the
+    tokenizer; float32 on the CPU."""
+    run_dir = Path(run_dir)
+    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    model, tokenizer = load_model(config.model)
+    for t in range(1, stage + 1):
+        model = rebuild_stage(model, stage_dir(run_dir, t), config)
+    return model, tokenizer
 
 
 def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
@@ -222,11 +250,9 @@ def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
     stage-1, with this stage's initial factors absorbed (for absorbing inits)."""
     run_dir = Path(run_dir)
     config = from_dict(json.loads((run_dir / "config.json").read_text()))
-    model, _ = load_model(config.model)
-    for t in range(1, stage):
-        model = rebuild_stage(model, stage_dir(run_dir, t), config)
+    model, _ = merged_model(run_dir, stage - 1)
     folder = stage_dir(run_dir, stage)
-    if _absorbs(folder):
+    if stage_absorbs(folder):
         factors = load_file(str(folder / "init_factors.safetensors"))
         scaling = config.adapter.alpha / config.adapter.rank ** 0.5
         with torch.no_grad():
@@ -260,7 +286,7 @@ def run(
     accelerator.wait_for_everyone()
 
     sequence = load_sequence(config.sequence)
-    data_dirs = config.data_dirs or None
+    data_dirs = search_dirs(config.data_dirs, config.data_only)
     tasks = [load_task(ref, data_dirs, heldout_size=config.eval.heldout_size, seed=config.seed,
                        allow_reasoning_variant=config.allow_reasoning_variant) for ref in sequence.tasks]
     for task in tasks if main else []:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..data.prompts import make_batches
 from ..data.sequences import load_sequence
-from ..data.tasks import load_task
+from ..data.tasks import load_task, search_dirs
 from ..loop.config import RunConfig
 from ..init import get_init
 from ..init.registry import settings_of
@@ -64,7 +64,8 @@ def count_work(study: Study) -> Work:
     for cell in study.cells():
         config = study.config(cell)
         refs = load_sequence(config.sequence).tasks
-        tasks = [load_task(r, config.data_dirs or None, heldout_size=config.eval.heldout_size, seed=config.seed,
+        dirs = search_dirs(config.data_dirs, config.data_only)
+        tasks = [load_task(r, dirs, heldout_size=config.eval.heldout_size, seed=config.seed,
                            allow_reasoning_variant=config.allow_reasoning_variant) for r in refs]
         sig = _h(config.model, config.seed)
         groups = stage_groups(tasks, config)
@@ -115,7 +116,7 @@ def calibrate(study: Study) -> dict[str, float]:
     from ..models import load_model, peft_wrapping
 
     config = study.config(study.cells()[0])
-    task = load_task(load_sequence(config.sequence).tasks[0], config.data_dirs or None,
+    task = load_task(load_sequence(config.sequence).tasks[0], search_dirs(config.data_dirs, config.data_only),
                      heldout_size=config.eval.heldout_size, seed=config.seed,
                      allow_reasoning_variant=config.allow_reasoning_variant)
     model, tokenizer = load_model(config.model)
