@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import wrap
+from conftest import logits, wrap
 from slicelora.errors import ConfigError
 from slicelora.loop.config import load_config
 from slicelora.loop.continual import CL_METHODS, ContinualMethod, OLoRA, Stage, lora_a_weights, register_cl
 from slicelora.loop.stages import run
+from slicelora.init import init_adapter
+from slicelora.models import tiny_llama, tiny_tokenizer
 from test_loop import SMALL, assert_same_run
 
 
@@ -125,10 +127,15 @@ RESUME = ("import sys; from slicelora.loop.config import load_config; from slice
           "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
 
 
+CL_SETTINGS = {"olora": ["cl.method=olora", "train.replay_examples=2"],
+               "inflora": ["cl.method=inflora", "cl.inflora_rank=8", "cl.inflora_batches=2", "cl.inflora_batch_size=4"]}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("method", CL_SETTINGS)
 @pytest.mark.parametrize("step", ["2:init", "2:train", "3:eval"])
-def test_olora_resumes_after_a_crash_at_each_step(tiny_folder, tmp_path, step):
-    settings = [f"model={tiny_folder}", *SMALL, "init.method=slice", "cl.method=olora", "train.replay_examples=2"]
+def test_cl_methods_resume_after_a_crash_at_each_step(tiny_folder, tmp_path, method, step):
+    settings = [f"model={tiny_folder}", *SMALL, "init.method=slice", *CL_SETTINGS[method]]
     reference = run(load_config(None, settings), tmp_path / "reference")
     env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
     crashed = subprocess.run([sys.executable, "-c", RESUME, str(tmp_path / "resumed"), *settings], env=env,
@@ -140,3 +147,36 @@ def test_olora_resumes_after_a_crash_at_each_step(tiny_folder, tmp_path, step):
         name = f"stages/0{t}/train.json"
         assert json.loads((reference / name).read_text())["losses"] == json.loads(
             (tmp_path / "resumed" / name).read_text())["losses"]
+
+
+def test_input_subspaces_remove_those_directions_from_a_and_keep_the_function(batches):
+
+    g = torch.Generator().manual_seed(1)
+    for method in ("vanilla", "lora_ga", "loram"):
+        peft_model = wrap(tiny_llama(tiny_tokenizer(), seed=0), r=4)
+        before = logits(peft_model, batches[0])
+        names = list(lora_a_weights(peft_model))
+        bases = {name: torch.linalg.qr(torch.randn(lora_a_weights(peft_model)[name].shape[1], 5, generator=g))[0]
+                 for name in names}
+        init_adapter(peft_model, method, current=batches, input_subspaces=bases)
+        for name, a in lora_a_weights(peft_model).items():
+            assert (a.detach().double() @ bases[name].double()).abs().max() < 1e-5, (method, name)
+        torch.testing.assert_close(logits(peft_model, batches[0]), before, atol=1e-5, rtol=0)
+
+
+def test_inflora_projects_a_off_the_past_inputs_and_resumes(tiny_folder, tmp_path):
+    settings = [f"model={tiny_folder}", *SMALL, "init.method=lora_ga", "cl.method=inflora", "cl.inflora_rank=8",
+                "cl.inflora_batches=2", "cl.inflora_batch_size=4"]
+    out = run(load_config(None, settings), tmp_path / "inflora")
+    state = load_file(str(out / "stages" / "01" / "cl_state.safetensors"))
+    factors = load_file(str(out / "stages" / "02" / "init_factors.safetensors"))
+    for key, covariance in state.items():
+        layer = key.removeprefix("inflora/covariance/")
+        kept = torch.linalg.eigh(covariance)[1][:, -8:]  # the top 8 eigenvectors of stage 1's input covariance
+        a0 = factors[f"{layer}.A"].double()
+        assert (a0 @ kept).abs().max() < 1e-5 * a0.abs().max(), layer
+    stage3 = load_file(str(out / "stages" / "02" / "cl_state.safetensors"))
+    assert all(torch.all(torch.linalg.eigvalsh(stage3[k] - state[k]) > -1e-6) for k in state)  # sums grow
+    with pytest.raises(ConfigError, match="cl.inflora_rank=48 must be < d_in = 48"):
+        run(load_config(None, [*settings, "cl.inflora_rank=48"]), tmp_path / "too-many")
+    assert not (tmp_path / "too-many").exists()

@@ -226,13 +226,16 @@ def init_adapter(
     current: Batches | None = None,
     replay: Batches | None = None,
     adapter_name: str = "default",
+    input_subspaces: Mapping[str, torch.Tensor] | None = None,
 ) -> InitReport:
     """Set the LoRA adapter `adapter_name` of a PEFT model by the registered `method` (docs/method.md) and return
     what was done.
 
     `current`: batches of the task about to be learned (methods with data "current" or "replay"). `replay`: batches
     of past tasks (methods with data "replay" only; empty or None at the first stage, where SLICE equals LoRA-GA
-    paper). Under torch.distributed every rank calls it with its own share of the batches.
+    paper). `input_subspaces`: per canonical layer name, orthonormal columns U (d_in x k) that A must not read:
+    A <- A (I - U U^T) before the absorption (InfLoRA's constraint; any method). Under torch.distributed every rank
+    calls it with its own share of the batches.
     """
     config = config or InitConfig()
     spec = get_init(method)
@@ -255,8 +258,13 @@ def init_adapter(
     if current and spec.data == "none":
         warnings.warn(f"init {method!r} uses no data; the {len(current)} current batches are ignored.", stacklevel=2)
 
+    subspaces = _check_subspaces(input_subspaces or {}, layers)
     if spec.factors is None:  # PEFT's own draw (Kaiming A, zero B), from the init's seed
         _peft_draw(layers, adapter_name, config.seed)
+        with torch.no_grad():
+            for name, basis in subspaces.items():
+                lora_a = layers[name].lora_A[adapter_name].weight
+                lora_a.copy_(_outside(lora_a, basis))
         report.seconds = time.perf_counter() - start
         return report
 
@@ -289,7 +297,8 @@ def init_adapter(
         made = spec.factors(LayerInput(name, gather(layer.get_base_layer().weight.detach()),
                                        None if grad is None else gather(grad), layer.r[adapter_name]), config)
         del grad
-        factors[name] = (made.a.to(lora_a.device, lora_a.dtype), made.b.to(lora_b.device, lora_b.dtype))
+        a = _outside(made.a, subspaces[name]) if name in subspaces else made.a
+        factors[name] = (a.to(lora_a.device, lora_a.dtype), made.b.to(lora_b.device, lora_b.dtype))
         if made.beta is not None:
             report.betas[name] = made.beta
     for name, (a, b) in factors.items():
@@ -301,6 +310,29 @@ def init_adapter(
         assign_(layer.lora_B[adapter_name].weight, b)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_subspaces(subspaces: Mapping[str, torch.Tensor], layers: Mapping[str, torch.nn.Module]
+                     ) -> dict[str, torch.Tensor]:
+    """The input subspaces, each checked against its layer: a known layer, (d_in, k) with k < d_in, not sharded."""
+    unknown = sorted(set(subspaces) - set(layers))
+    if unknown:
+        raise InitError(f"input_subspaces name layers that carry no adapter: {unknown[:3]}.")
+    for name, basis in subspaces.items():
+        weight = layers[name].get_base_layer().weight
+        d_in = weight.shape[1]
+        if basis.dim() != 2 or basis.shape[0] != d_in or basis.shape[1] >= d_in:
+            raise InitError(f"layer {name!r}: an input subspace must be (d_in, k) with k < d_in = {d_in}, got "
+                            f"{tuple(basis.shape)}; keep fewer directions.")
+        if is_sharded(weight):
+            raise InitError("input subspaces are not supported with FSDP-sharded weights.")
+    return dict(subspaces)
+
+
+def _outside(a: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """A (I - U U^T): A's rows with their components along U's orthonormal columns removed (float64 inside)."""
+    u = basis.to(a.device, torch.float64)
+    return (a.double() - (a.double() @ u) @ u.T).to(a.dtype)
 
 
 def _peft_draw(layers: Mapping[str, torch.nn.Module], adapter_name: str, seed: int) -> None:

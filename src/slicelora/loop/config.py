@@ -101,6 +101,9 @@ class GeneralSection:
 class CLSection:
     method: str = "none"  # a training-time method (loop/continual.py): none | replay | olora | ...
     olora_lambda: float = 0.5  # O-LoRA's weight of the orthogonality loss (the official default)
+    inflora_rank: int = 64  # InfLoRA: past input directions kept out of the new adapter's A (the official k)
+    inflora_batches: int = 32  # InfLoRA: batches of each task's training inputs for its covariance (official: 32 x 8)
+    inflora_batch_size: int = 8
 
 
 @dataclass
@@ -297,6 +300,9 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.max_examples", lambda v: v is None or v >= 1, "null (no cap) or an integer >= 1"),
     ("train.replay_examples", lambda v: v >= 0, "an integer >= 0 (0: no replay)"),
     ("cl.olora_lambda", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("cl.inflora_rank", lambda v: v >= 1, "an integer >= 1"),
+    ("cl.inflora_batches", lambda v: v >= 1, "an integer >= 1"),
+    ("cl.inflora_batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("eval.heldout_size", lambda v: v >= 1, "an integer >= 1"),
     ("eval.examples", lambda v: v >= 1, "an integer >= 1"),
     ("eval.max_new_tokens", lambda v: v >= 1, "an integer >= 1"),

@@ -3,9 +3,13 @@
 The init writes the adapter's A and B; a method acts around training. The stage loop calls, for every active
 method, in this order:
 
+    check(model)                       right after the model loads, before any work (InfLoRA: k < d_in)
+    input_subspaces(stage)             input directions the new adapter's A must not read, given to the init
+                                       (InfLoRA: the past tasks' top input directions)
     examples(stage, examples)          the stage's training data (experience replay adds past examples)
     penalty(model)                     a term added to the loss of every optimisation step (O-LoRA)
     after_stage(stage, trained)        with the trained adapter's factors, before the merge (O-LoRA keeps A)
+    after_merge(stage, model, tok)     with the merged model (InfLoRA accumulates the task's input covariance)
 
 A method's state is saved with each finished stage (`cl_state.safetensors`, written before the stage's
 `train.json` marks it trained) and restored by --resume, so a resumed run continues with the same state. A new
@@ -20,9 +24,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..data.prompts import make_batches
 from ..data.tasks import Example, Task
 from ..errors import ConfigError
-from ..init.gradients import canonical_name
+from ..init.gradients import canonical_name, target_layers
 
 if TYPE_CHECKING:  # the run config names the registered methods, so it imports this module
     from .config import RunConfig
@@ -47,6 +52,12 @@ class ContinualMethod:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
 
+    def check(self, model: torch.nn.Module) -> None:
+        return None
+
+    def input_subspaces(self, stage: Stage) -> dict[str, torch.Tensor]:
+        return {}
+
     def examples(self, stage: Stage, examples: list[Example]) -> list[Example]:
         return examples
 
@@ -54,6 +65,9 @@ class ContinualMethod:
         return None
 
     def after_stage(self, stage: Stage, trained: Factors) -> None:
+        return None
+
+    def after_merge(self, stage: Stage, model: torch.nn.Module, tokenizer) -> None:
         return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -128,8 +142,65 @@ class OLoRA(ContinualMethod):
         self.anchors = {key.removeprefix("anchors/"): t for key, t in state.items() if key.startswith("anchors/")}
 
 
+class InfLoRA(ContinualMethod):
+    """InfLoRA (arXiv 2404.00228): after each stage, accumulate per target layer the covariance C = sum x x^T of
+    that task's training inputs on the merged model (`cl.inflora_batches` batches of `cl.inflora_batch_size`); the
+    next stage's A is initialised as A (I - U U^T), U the top `cl.inflora_rank` eigenvectors of the summed C of all
+    past tasks, so the new update barely moves the outputs on past inputs. The init absorbs the projected A, so the
+    model's function is unchanged at the start (absorbing inits too)."""
+
+    name = "inflora"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.covariance: dict[str, torch.Tensor] = {}  # layer -> sum of x x^T over past tasks' inputs, float64
+
+    def check(self, model: torch.nn.Module) -> None:
+        k = self.config.cl.inflora_rank
+        for name, layer in target_layers(model, tuple(self.config.adapter.targets)).items():
+            if k >= layer.weight.shape[1]:
+                raise ConfigError(f"cl.inflora_rank={k} must be < d_in = {layer.weight.shape[1]} of layer {name!r} "
+                                  "(it keeps k input directions and leaves the rest to the new adapter); lower it.")
+
+    def input_subspaces(self, stage: Stage) -> dict[str, torch.Tensor]:
+        k = self.config.cl.inflora_rank
+        return {name: torch.linalg.eigh(c)[1][:, -k:] for name, c in self.covariance.items()}  # eigh: ascending
+
+    def after_merge(self, stage: Stage, model: torch.nn.Module, tokenizer) -> None:
+        cl, train = self.config.cl, self.config.train
+        batches = make_batches([ex for task in stage.learn for ex in task.train], tokenizer, cl.inflora_batch_size,
+                               train.max_length, seed=self.config.seed + stage.number, num_batches=cl.inflora_batches)
+        mask: list[torch.Tensor] = []
+
+        def accumulate(name: str):
+            def hook(module, args) -> None:
+                x = args[0][mask[0]].double()  # the real tokens' inputs, (tokens, d_in)
+                c = x.T @ x
+                self.covariance[name] = self.covariance[name] + c if name in self.covariance else c
+            return hook
+
+        device = next(model.parameters()).device
+        handles = [layer.register_forward_pre_hook(accumulate(name))
+                   for name, layer in target_layers(model, tuple(self.config.adapter.targets)).items()]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    mask[:] = [batch["attention_mask"].bool().to(device)]
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"covariance/{name}": c.cpu().contiguous() for name, c in self.covariance.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.covariance = {k.removeprefix("covariance/"): v for k, v in state.items() if k.startswith("covariance/")}
+
+
 register_cl(ExperienceReplay)
 register_cl(OLoRA)
+register_cl(InfLoRA)
 
 
 def lora_a_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

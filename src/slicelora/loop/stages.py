@@ -296,12 +296,14 @@ def run(
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model, tokenizer = load_model(config.model, dtype=dtype, device=accelerator.device)
     check_against_model(config, model)
+    methods = active_methods(config)
+    for method in methods:
+        method.check(model)
     if main:  # nothing is written before the settings, the data and the model have passed their checks
         _write_run_dir(run_dir, config, previous, tasks)
     key = model_key(config.model, model)
     general = _general(run_dir, config, model, tokenizer, "base", base_general, accelerator, shared, key)
 
-    methods = active_methods(config)
     groups = stage_groups(tasks, config)
     for t, learn in enumerate(groups, start=1):
         folder, seen = stage_dir(run_dir, t), [task for group in groups[:t] for task in group]
@@ -364,8 +366,10 @@ def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, f
         peft_model = get_peft_model(model, lora_config(config))
     # 2. initialise it
     current, replay = init_batches(learn, past, config, tokenizer, t)
+    subspaces = {name: u for method in methods for name, u in method.input_subspaces(stage).items()}
     report = init_adapter(peft_model, config.init.method, init_config(config, t, shared),
-                          current=current[shard[0]::shard[1]], replay=replay[shard[0]::shard[1]] or None)
+                          current=current[shard[0]::shard[1]], replay=replay[shard[0]::shard[1]] or None,
+                          input_subspaces=subspaces or None)
     factors = initial_factors(peft_model)
     keys = {"before": key, "after": key and stage_key(key, stage_settings(config), seen, t, factors,
                                                       report.absorbs)}
@@ -388,9 +392,6 @@ def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, f
         method.after_stage(stage, trained_factors(peft_model))
     _fault_point(t, "train")
     if main:
-        if methods:
-            state = {f"{m.name}/{k}": v for m in methods for k, v in m.state_dict().items()}
-            write_with(folder / CL_STATE, lambda p: save_file(state, str(p), metadata={"methods": _names(methods)}))
         write_with(folder / "init_factors.safetensors", lambda p: save_file(factors, str(p)))
         record = {k: v for k, v in report.to_dict().items() if k not in RUN_DEPENDENT}
         write_json(folder / "init.json", {**record, "stage": t, "task": _label(learn), "tau": config.init.gate})
@@ -400,10 +401,18 @@ def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, f
         else:
             copy_tree(source / "adapter", folder / "adapter")
         write_json(folder / "timing.json", timing)
-        write_json(folder / "train.json", curve)  # last: its presence marks the stage as trained
+    # 4. merge, then the methods' last step on the merged model; their state and train.json (last: its presence
+    # marks the stage as trained) complete the stage
+    merged = peft_model.merge_and_unload()
+    for method in methods:
+        method.after_merge(stage, merged, tokenizer)
+    if main:
+        if methods:
+            state = {f"{m.name}/{k}": v for m in methods for k, v in m.state_dict().items()}
+            write_with(folder / CL_STATE, lambda p: save_file(state, str(p), metadata={"methods": _names(methods)}))
+        write_json(folder / "train.json", curve)
     accelerator.wait_for_everyone()
-    # 4. merge
-    return peft_model.merge_and_unload(), keys["after"], timing
+    return merged, keys["after"], timing
 
 
 def _summed_penalty(methods: list[ContinualMethod], model: PeftModel) -> Callable[[], torch.Tensor | None]:
