@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -52,3 +53,13 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Atomically write `path` with a function that writes to the path it is given (e.g. savefig, save_file)."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Delete what writers killed mid-write left under `folder`: atomic_path's hidden `.NAME.*.tmp` files and
+    `NAME.tmp` folders of a whole-folder write. Call it only where no writer is running (e.g. before a resume)."""
+    for path in sorted(Path(folder).rglob("*.tmp"), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith("."):
+            path.unlink(missing_ok=True)

@@ -45,7 +45,7 @@ from ..eval.tasks import evaluate_task
 from ..init import InitConfig, get_init, init_adapter
 from ..init.decompose import absorb
 from ..init.gradients import canonical_name
-from ..io import write_json, write_text, write_with
+from ..io import remove_temporaries, write_json, write_text, write_with
 from ..models import load_model, peft_wrapping
 from ..report.runs import write_run_summary
 from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict, library_init_config
@@ -181,8 +181,10 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> RunConfig 
 def _write_run_dir(run_dir: Path, config: RunConfig, previous: RunConfig | None, tasks: list[Task]) -> None:
     """Record the run's config and tasks, once settings, data and model have been checked. Changed general-ability
     settings drop the scores made with the old ones (recomputed when general.enabled)."""
-    if previous is not None and previous.general != config.general:
-        (run_dir / "general.json").unlink(missing_ok=True)
+    if previous is not None:
+        remove_temporaries(run_dir)  # left by a process killed mid-write
+        if previous.general != config.general:
+            (run_dir / "general.json").unlink(missing_ok=True)
     write_json(run_dir / "config.json", config.to_dict())
     write_json(run_dir / "tasks.json", [task.name for task in tasks])
 
