@@ -71,6 +71,7 @@ class InitConfig:
     null_threshold: float = 0.0  # null-space: only directions with sigma_i / sigma_max >= this
     gate_delta: float = 0.0  # median rule: tau_l = median of the layers' cosines - gate_delta
     preserve_magnitude: bool = False  # rescale the projected gradient to the norm it had before
+    pissa_niter: int | None = None  # PiSSA: None = exact SVD of W (PEFT's "pissa"); n = PEFT's "pissa_niter_n"
     gamma: float = 16.0  # the reference / peft variants' stable scale d_out^(1/4) / sqrt(gamma)
     seed: int = 42  # the SVD's random start (and vanilla's Kaiming draw)
     niter: int = 4
@@ -295,7 +296,8 @@ def init_adapter(
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         grad = grads.pop(name, None)
         made = spec.factors(LayerInput(name, gather(layer.get_base_layer().weight.detach()),
-                                       None if grad is None else gather(grad), layer.r[adapter_name]), config)
+                                       None if grad is None else gather(grad), layer.r[adapter_name],
+                                       layer.scaling[adapter_name]), config)
         del grad
         a = _outside(made.a, subspaces[name]) if name in subspaces else made.a
         factors[name] = (a.to(lora_a.device, lora_a.dtype), made.b.to(lora_b.device, lora_b.dtype))

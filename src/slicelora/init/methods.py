@@ -4,9 +4,14 @@
 - lora_ga: factors from the SVD of the current task's gradient, in three variants (paper, reference, peft).
 - loram: fixed DST-I bases for A and B, variance-matched to the weight; no data.
 - slice: LoRA-GA paper's factors from the current gradient after one-sided surgery against the replay gradient.
+- pissa: PEFT's own PiSSA (the weight's top singular directions), absorbed.
 """
 
 from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
 
 from ..errors import InitError
 from .adapter import InitConfig, projection_settings
@@ -55,6 +60,22 @@ def _loram(layer: LayerInput, config: InitConfig) -> Factors:
     return _variance_matched(dst_basis(layer.rank, d_in), dst_basis(d_out, layer.rank), layer.weight)
 
 
+def _pissa(layer: LayerInput, config: InitConfig) -> Factors:
+    """PEFT's PiSSA (`LoraLayer.pissa_init`) run on a scratch copy of the layer with the adapter's rank and exact
+    scaling: A = sqrt(S_r / s) U_r^T-side, B = the V_r side, from the SVD of W (exact, or PEFT's `pissa_niter_n`
+    randomised one, seeded). The real weight then takes our absorption, the operation a resumed run replays."""
+    d_out, d_in = layer.weight.shape
+    mode = "pissa" if config.pissa_niter is None else f"pissa_niter_{config.pissa_niter}"
+    with torch.random.fork_rng(devices=[layer.weight.device] if layer.weight.device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        base = torch.nn.Linear(d_in, d_out, bias=False, dtype=layer.weight.dtype, device=layer.weight.device)
+        base.weight.data = layer.weight.detach().clone()
+        scratch = LoraLinear(base, "default", LoraConfig(r=layer.rank), r=layer.rank, init_lora_weights=True)
+        scratch.scaling["default"] = layer.scaling
+        scratch.pissa_init("default", mode)
+    return Factors(scratch.lora_A["default"].weight.detach(), scratch.lora_B["default"].weight.detach())
+
+
 register_init(InitMethod(
     "vanilla", data="none", absorbs=False, factors=None, settings=("seed",),
     summary="PEFT's default LoRA init: A Kaiming-uniform, B = 0."))
@@ -71,3 +92,6 @@ register_init(InitMethod(
     combine_settings=("strength", "gate", "surgery_mode", "projection", "gate_rule", "phi", "retain", "null_rank",
                       "null_threshold", "gate_delta", "preserve_magnitude"),
     summary="SLICE: LoRA-GA (paper) on the current gradient after one-sided surgery against the replay gradient."))
+register_init(InitMethod(
+    "pissa", data="none", absorbs=True, factors=_pissa, settings=("pissa_niter", "seed"),
+    summary="PiSSA (PEFT's implementation): A and B from the weight's top r singular directions, absorbed."))

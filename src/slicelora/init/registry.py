@@ -35,12 +35,14 @@ Gradients = dict[str, torch.Tensor]  # canonical layer name -> gradient of the l
 @dataclass(frozen=True)
 class LayerInput:
     """What a method sees of one target layer: its full base weight (d_out, d_in), the gradient it asked for
-    (after its `combine` step; None for data-free methods), the adapter's rank and the layer's canonical name."""
+    (after its `combine` step; None for data-free methods), the adapter's rank and scaling s (the adapter adds
+    s B A), and the layer's canonical name."""
 
     name: str
     weight: torch.Tensor
     grad: torch.Tensor | None
     rank: int
+    scaling: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class InitSection:
     null_threshold: float = 0.0  # null-space: directions with sigma_i / sigma_max >= this
     gate_delta: float = 0.0
     preserve_magnitude: bool = False  # rescale the projected gradient to its norm before the projection
+    pissa_niter: int | None = None  # PiSSA: null = exact SVD of W; n = PEFT's randomised pissa_niter_n
     lora_ga_variant: str = "paper"
     selection: str = "lora_ga"
     offload_to_cpu: bool = False
@@ -289,6 +290,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("init.replay_buffer", lambda v: v >= 1, "an integer >= 1"),
     ("init.strength", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("init.gate", lambda v: -1 <= v <= 1, "a cosine threshold in [-1, 1]"),
+    ("init.pissa_niter", lambda v: v is None or v >= 1, "null (exact SVD) or an integer >= 1"),
     ("train.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("train.lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("train.warmup_ratio", lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -1,0 +1,65 @@
+"""Inits taken from PEFT's own implementations: the factors equal PEFT's for the same model and settings, the
+absorbed base equals PEFT's residual weight, the model's function is unchanged after the init, and the stage loop
+runs and resumes with them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import logits, wrap
+from slicelora.init import init_adapter
+from slicelora.init.gradients import canonical_name
+from slicelora.loop.config import load_config
+from slicelora.loop.stages import run
+from slicelora.models import LLAMA_TARGETS, tiny_llama, tiny_tokenizer
+from test_loop import SMALL, assert_same_run
+
+
+def lora_layers(model) -> dict:
+    return {canonical_name(n): m for n, m in model.named_modules() if "default" in getattr(m, "lora_A", {})}
+
+
+@pytest.mark.parametrize("niter", [None, 2])
+def test_pissa_equals_peft_and_keeps_the_function(batches, niter):
+    tokenizer = tiny_tokenizer()
+    ours = wrap(tiny_llama(tokenizer, seed=0), r=4)
+    before = logits(ours, batches[0])
+    from slicelora.init import InitConfig
+
+    init_adapter(ours, "pissa", InitConfig(pissa_niter=niter, seed=7))
+    mode = "pissa" if niter is None else f"pissa_niter_{niter}"
+    torch.manual_seed(7)  # PEFT draws its randomised SVD from the global generator
+    theirs = get_peft_model(tiny_llama(tokenizer, seed=0), LoraConfig(
+        r=4, lora_alpha=2.0, use_rslora=True, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0,
+        init_lora_weights=mode))
+    mine, peft_layers = lora_layers(ours), lora_layers(theirs)
+    assert mine.keys() == peft_layers.keys() and len(mine) == 14
+    for name, layer in mine.items():
+        other = peft_layers[name]
+        if niter is None:  # exact SVD: bit for bit; PEFT's randomised one per layer in its own RNG order
+            assert torch.equal(layer.lora_A["default"].weight, other.lora_A["default"].weight), name
+            assert torch.equal(layer.lora_B["default"].weight, other.lora_B["default"].weight), name
+            torch.testing.assert_close(layer.get_base_layer().weight, other.get_base_layer().weight,
+                                       atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(ours, batches[0]), before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["2:init", "2:train", "3:eval"])
+def test_pissa_runs_three_stages_and_resumes_after_a_crash(tiny_folder, tmp_path, step):
+    settings = [f"model={tiny_folder}", *SMALL, "init.method=pissa"]
+    reference = run(load_config(None, settings), tmp_path / "reference")
+    script = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
+              "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
+    env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
+    crashed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "resumed"), *settings], env=env,
+                             capture_output=True, timeout=600)
+    assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
+    run(load_config(None, settings), tmp_path / "resumed", resume=True)
+    assert_same_run(reference, tmp_path / "resumed")
