@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
 from conftest import logits, wrap
 from slicelora.init import init_adapter
@@ -50,10 +50,30 @@ def test_pissa_equals_peft_and_keeps_the_function(batches, niter):
     torch.testing.assert_close(logits(ours, batches[0]), before, atol=1e-5, rtol=0)
 
 
+def test_eva_equals_peft_and_keeps_the_function(batches):
+    tokenizer = tiny_tokenizer()
+    ours = wrap(tiny_llama(tokenizer, seed=0), r=4)
+    before = logits(ours, batches[0])
+    report = init_adapter(ours, "eva", current=batches)
+    assert report.current_batches == len(batches) and not report.absorbs
+    config = LoraConfig(r=4, lora_alpha=2.0, use_rslora=True, target_modules=list(LLAMA_TARGETS), lora_dropout=0.0,
+                        init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+    theirs = get_peft_model(tiny_llama(tokenizer, seed=0), config)
+    initialize_lora_eva_weights(theirs, batches, show_progress_bar=False)
+    mine, peft_layers = lora_layers(ours), lora_layers(theirs)
+    assert mine.keys() == peft_layers.keys()
+    for name, layer in mine.items():
+        torch.testing.assert_close(layer.lora_A["default"].weight, peft_layers[name].lora_A["default"].weight,
+                                   atol=1e-6, rtol=0)
+        assert not layer.lora_B["default"].weight.any()
+    torch.testing.assert_close(logits(ours, batches[0]), before, atol=0, rtol=0)  # B = 0: nothing changes
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["pissa", "eva"])
 @pytest.mark.parametrize("step", ["2:init", "2:train", "3:eval"])
-def test_pissa_runs_three_stages_and_resumes_after_a_crash(tiny_folder, tmp_path, step):
-    settings = [f"model={tiny_folder}", *SMALL, "init.method=pissa"]
+def test_peft_inits_run_three_stages_and_resume_after_a_crash(tiny_folder, tmp_path, method, step):
+    settings = [f"model={tiny_folder}", *SMALL, f"init.method={method}"]
     reference = run(load_config(None, settings), tmp_path / "reference")
     script = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
               "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")

@@ -275,7 +275,14 @@ def init_adapter(
             raise InitError(f"rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r}; lower r.")
 
     grads: dict[str, torch.Tensor] = {}
-    if spec.data != "none":
+    if spec.data == "inputs":  # the method's own pass over the current batches (e.g. EVA's activation SVD)
+        if not current:
+            raise InitError(f"init {method!r} needs current-task batches (current=...): none were given.")
+        if any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
+            raise InitError(f"init {method!r} is not supported with FSDP-sharded weights.")
+        grads = {canonical_name(name): t for name, t in spec.prepare(model, current, config, adapter_name).items()}
+        report.current_batches = len(current)
+    elif spec.data != "none":
         if min(c[0] for c in counts) == 0:
             raise InitError(f"init {method!r} needs current-task batches (current=...): none were given"
                             + (f" on some ranks (batches per rank: {[c[0] for c in counts]})." if len(counts) > 1 else "."))

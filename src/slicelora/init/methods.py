@@ -5,12 +5,14 @@
 - loram: fixed DST-I bases for A and B, variance-matched to the weight; no data.
 - slice: LoRA-GA paper's factors from the current gradient after one-sided surgery against the replay gradient.
 - pissa: PEFT's own PiSSA (the weight's top singular directions), absorbed.
+- eva: PEFT's own EVA (A from the SVD of the layer's inputs on the current task, B = 0), not absorbed.
 """
 
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
+from peft import EvaConfig, LoraConfig
+from peft.tuners.lora.eva import get_eva_state_dict
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from ..errors import InitError
@@ -95,3 +97,24 @@ register_init(InitMethod(
 register_init(InitMethod(
     "pissa", data="none", absorbs=True, factors=_pissa, settings=("pissa_niter", "seed"),
     summary="PiSSA (PEFT's implementation): A and B from the weight's top r singular directions, absorbed."))
+
+
+def _eva_inputs(model: torch.nn.Module, batches: list, config: InitConfig, adapter_name: str) -> Gradients:
+    """PEFT's EVA on the current batches (rho = 1: every layer keeps the adapter's rank): per layer, the top right
+    singular vectors of its inputs, found by PEFT's incremental SVD, as A (r x d_in)."""
+    lora = model.peft_config[adapter_name]
+    eva_config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
+                            use_rslora=lora.use_rslora, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+    return get_eva_state_dict(model, batches, peft_config=eva_config, adapter_name=adapter_name,
+                              show_progress_bar=False)
+
+
+def _eva(layer: LayerInput, config: InitConfig) -> Factors:
+    a = layer.grad.to(layer.weight.dtype).contiguous()
+    return Factors(a, torch.zeros(layer.weight.shape[0], a.shape[0], dtype=layer.weight.dtype,
+                                  device=layer.weight.device))
+
+
+register_init(InitMethod(
+    "eva", data="inputs", absorbs=False, factors=_eva, prepare=_eva_inputs,
+    summary="EVA (PEFT's implementation): A from the SVD of each layer's inputs on the current task, B = 0."))

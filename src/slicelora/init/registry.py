@@ -27,16 +27,18 @@ if TYPE_CHECKING:  # the config and the surgery report live in modules that impo
     from .surgery import SurgeryReport
 
 # What a method needs besides the model: nothing; the gradient of the task about to be learned; that gradient and
-# the gradient of a replay buffer of past tasks (SLICE's surgery input).
-Data = Literal["none", "current", "replay"]
+# the gradient of a replay buffer of past tasks (SLICE's surgery input); the current task's batches, which its own
+# `prepare` step turns into per-layer tensors (e.g. EVA's activation SVD).
+Data = Literal["none", "current", "replay", "inputs"]
+DATA = ("none", "current", "replay", "inputs")
 Gradients = dict[str, torch.Tensor]  # canonical layer name -> gradient of the loss w.r.t. that layer's weight
 
 
 @dataclass(frozen=True)
 class LayerInput:
     """What a method sees of one target layer: its full base weight (d_out, d_in), the gradient it asked for
-    (after its `combine` step; None for data-free methods), the adapter's rank and scaling s (the adapter adds
-    s B A), and the layer's canonical name."""
+    (after its `combine` step) or what its `prepare` step made for this layer (None for data-free methods), the
+    adapter's rank and scaling s (the adapter adds s B A), and the layer's canonical name."""
 
     name: str
     weight: torch.Tensor
@@ -62,8 +64,10 @@ class InitMethod:
     function right after the init (every non-zero-B method must absorb). `factors`: (A, B) for one layer; None keeps
     PEFT's own draw (Kaiming A, zero B), re-drawn from the init's seed. `combine`: for `data="replay"`, turns the
     current and replay gradients into the gradients the factors are computed from (SLICE's surgery); without replay
-    batches the current gradients are used as they are. `settings` / `combine_settings`: the InitConfig fields that
-    `factors` / `combine` read (the study planner uses them to tell which settings change a stage's result).
+    batches the current gradients are used as they are. `prepare`: for `data="inputs"`, (PEFT model, the current
+    batches, config, adapter name) -> per-layer tensors (by canonical name) handed to `factors` as `grad`.
+    `settings` / `combine_settings`: the InitConfig fields that `factors` / `combine` read (the study planner uses
+    them to tell which settings change a stage's result).
     """
 
     name: str
@@ -72,14 +76,17 @@ class InitMethod:
     factors: Callable[[LayerInput, InitConfig], Factors] | None
     summary: str
     combine: Callable[[Gradients, Gradients, InitConfig], tuple[Gradients, SurgeryReport]] | None = None
+    prepare: Callable[[torch.nn.Module, list, InitConfig, str], Gradients] | None = None
     settings: tuple[str, ...] = ()
     combine_settings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.data not in ("none", "current", "replay"):
-            raise InitError(f"init method {self.name!r}: data={self.data!r} must be 'none', 'current' or 'replay'.")
+        if self.data not in DATA:
+            raise InitError(f"init method {self.name!r}: data={self.data!r} must be one of {', '.join(DATA)}.")
         if (self.combine is not None) != (self.data == "replay"):
             raise InitError(f"init method {self.name!r}: a combine step goes with data='replay', and only with it.")
+        if (self.prepare is not None) != (self.data == "inputs"):
+            raise InitError(f"init method {self.name!r}: a prepare step goes with data='inputs', and only with it.")
         if self.factors is None and self.absorbs:
             raise InitError(f"init method {self.name!r}: PEFT's own draw has B = 0, so there is nothing to absorb.")
 
