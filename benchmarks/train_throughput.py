@@ -1,10 +1,14 @@
-"""Training throughput: our `train_adapter` against transformers' Trainer + PEFT, same model, data and settings.
+"""Training throughput: our `train_adapter` against transformers' Trainer + PEFT, same model, data and settings,
+and the cost of the training-time continual-learning methods.
 
     python benchmarks/train_throughput.py --examples 48 --json train_throughput.json
 
 Both train a fresh rsLoRA adapter (rank 8 on every projection) for one epoch over the same tokenised examples
 (task363 from the shipped data) with AdamW, a linear schedule (1 warmup step, as ceil(0.01 * steps)) and the same batch size, with bf16 autocast where
-the CPU supports it. Reported: training tokens (non-padding) per second for each, and ours / Trainer.
+the CPU supports it. Reported: training tokens (non-padding) per second for each, and ours / Trainer. Then ours
+again with O-LoRA's loss term against `--past-stages` past adapters (goal: within 5% of plain training), and
+InfLoRA's after-stage covariance pass (its only cost besides one eigendecomposition per layer at the next init) in
+seconds and as a fraction of the plain training time.
 """
 
 from __future__ import annotations
@@ -31,6 +35,31 @@ def fresh_peft(model_path: str | None, rank: int):
     return get_peft_model(model, config), tokenizer
 
 
+def cl_costs(args, task, examples, cfg: TrainSection, plain_seconds: float) -> dict[str, float]:
+    """Ours with O-LoRA's term (random anchors standing in for past stages' A's), and InfLoRA's covariance pass over
+    the task (its default 32 batches of 8)."""
+    from slicelora.loop.config import load_config
+    from slicelora.loop.continual import InfLoRA, OLoRA, Stage, lora_a_weights
+
+    run_config = load_config(None, ["cl.method=olora", f"adapter.rank={args.rank}"])
+    model, tokenizer = fresh_peft(args.model, args.rank)
+    olora = OLoRA(run_config)
+    g = torch.Generator().manual_seed(0)
+    for t in range(args.past_stages):
+        olora.after_stage(Stage(t + 1, [], []), {name: (torch.randn(a.shape, generator=g) * 0.02, None)
+                                                   for name, a in lora_a_weights(model).items()})
+    start = time.perf_counter()
+    train_adapter(model, tokenizer, examples, cfg, Accelerator(cpu=True), seed=0, penalty=lambda: olora.penalty(model))
+    out = {"olora_seconds": time.perf_counter() - start, "past_stages": args.past_stages}
+    merged = model.merge_and_unload()
+    inflora = InfLoRA(load_config(None, ["cl.method=inflora", f"adapter.rank={args.rank}"]))
+    start = time.perf_counter()
+    inflora.after_merge(Stage(1, [task], []), merged, tokenizer)
+    out["inflora_seconds"] = time.perf_counter() - start
+    out["inflora_fraction_of_training"] = out["inflora_seconds"] / plain_seconds
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="local model folder (default: embedded SmolLM2-135M)")
@@ -39,6 +68,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--past-stages", type=int, default=3, help="O-LoRA: past adapters whose A's are anchors")
     parser.add_argument("--json", default=None, help="write the figures here as flat keys")
     args = parser.parse_args()
 
@@ -56,6 +86,8 @@ def main() -> None:
     train_adapter(model, tokenizer, examples, cfg, Accelerator(cpu=True), seed=0)
     figures["ours_seconds"] = time.perf_counter() - start
     del model
+
+    figures.update(cl_costs(args, task, examples, cfg, figures["ours_seconds"]))
 
     model, tokenizer = fresh_peft(args.model, args.rank)
     pad = tokenizer.pad_token_id
@@ -75,6 +107,11 @@ def main() -> None:
     figures["ours_tokens_per_s"] = tokens / figures["ours_seconds"]
     figures["trainer_tokens_per_s"] = tokens / figures["trainer_seconds"]
     figures["ratio_ours_over_trainer"] = figures["ours_tokens_per_s"] / figures["trainer_tokens_per_s"]
+    figures["olora_tokens_per_s"] = tokens / figures["olora_seconds"]
+    figures["ratio_olora_over_plain"] = figures["olora_tokens_per_s"] / figures["ours_tokens_per_s"]
+    print(f"O-LoRA ({args.past_stages} past stages): {figures['olora_tokens_per_s']:.1f} tok/s, "
+          f"x{figures['ratio_olora_over_plain']:.3f} of plain; InfLoRA covariance pass: "
+          f"{figures['inflora_seconds']:.1f} s ({figures['inflora_fraction_of_training']:.2f} of the training time)")
     print(f"tokens: {tokens}  ours: {figures['ours_tokens_per_s']:.1f} tok/s  "
           f"Trainer+PEFT: {figures['trainer_tokens_per_s']:.1f} tok/s  ratio ours/Trainer: "
           f"{figures['ratio_ours_over_trainer']:.2f}")
