@@ -193,3 +193,25 @@ def test_sigint_then_resume_gives_the_uninterrupted_results(tiny_folder, tmp_pat
         for name in ("generations.jsonl", "adapter/adapter_model.safetensors"):
             path = Path("stages") / f"{t:02d}" / name
             assert (reference / path).read_bytes() == (out_dir / path).read_bytes(), path
+
+
+@pytest.mark.parametrize("command", [["run", "--method", "slice"], ["compare", "--methods", "vanilla,slice"]])
+def test_plan_prints_the_work_and_the_settings_that_differ_and_writes_nothing(tiny_folder, tmp_path, command):
+    out = tmp_path / "out"
+    code, output = invoke(*command, "--plan", "-o", str(out), *sets(f"model={tiny_folder}", "adapter.rank=4",
+                                                                   "train.max_examples=8", "general.enabled=false"))
+    assert code == 0, output
+    assert "training batches: " in output and "compute: " in output
+    assert "adapter.rank=4 (paper: 64)" in output and "general.enabled=False (paper: True)" in output
+    assert not out.exists()
+
+
+def test_a_long_cpu_run_gets_a_note_with_the_work_ahead(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), width=300))
+    config = load_config(None, ["sequence=demo"])  # the paper's settings: 1000 examples x 3 epochs per task
+    assert cli._plan_or_warn({"slice": config}, plan=False) is False
+    assert "can take hours on a CPU. `--plan` estimates the time" in cli.console.file.getvalue()

@@ -84,7 +84,30 @@ def _finish(accelerator) -> None:
     accelerator.end_training()
 
 
-def _compare(config: Optional[Path], overrides: list[str], methods: str, output: Path, resume: bool) -> None:
+PlanOpt = Annotated[bool, typer.Option("--plan", help="Print the stages, the work, the settings that differ from the paper's and a time estimate; run nothing.")]
+
+
+def _plan_or_warn(configs: dict, plan: bool) -> bool:
+    """With --plan, print the plan and say so (the command then stops). Without it, on a machine without a GPU, say
+    in one line how much work is ahead when it is a lot, and how to estimate it."""
+    import torch
+
+    from .study.plan import count_work, plan_runs, runs_as_study
+
+    if plan:
+        console.print(plan_runs(configs), markup=False)
+        return True
+    if not torch.cuda.is_available():
+        work = count_work(runs_as_study(configs))
+        if work.train_batches + work.eval_examples > 2000:
+            console.print(f"note: no GPU; {work.train_batches} training batches and {work.eval_examples} scored "
+                          "examples ahead, which can take hours on a CPU. `--plan` estimates the time; `slicelora "
+                          "demo` shows CPU-sized settings.", markup=False, soft_wrap=True)
+    return False
+
+
+def _compare(config: Optional[Path], overrides: list[str], methods: str, output: Path, resume: bool,
+             plan: bool = False) -> None:
     from .loop.config import load_config
     from .loop.stages import check_collection_dir, run as run_stages
     from .report.plots import write_report
@@ -96,8 +119,10 @@ def _compare(config: Optional[Path], overrides: list[str], methods: str, output:
     if not names or twice:
         raise ConfigError(f"--methods {methods!r} " + (f"names {', '.join(twice)} more than once" if twice else
                           "names no method") + f"; list each method once, e.g. --methods {METHODS}.")
-    check_collection_dir(output, "comparison")
     configs = {m: load_config(config, overrides + [f"init.method={m}"]) for m in names}  # all checked up front
+    if _plan_or_warn(configs, plan):
+        return
+    check_collection_dir(output, "comparison")
     accelerator = _accelerator()
     main = accelerator.is_main_process
     base_general = None
@@ -127,6 +152,7 @@ def run(
     data_dir: DataDirOpt = None,
     data_only: DataOnlyOpt = False,
     resume: Annotated[bool, typer.Option(help="Continue a stopped run in --output.")] = False,
+    plan: PlanOpt = False,
 ) -> None:
     """Run one method on one task sequence; writes R, metrics, generations and adapters to --output."""
     from .loop.config import load_config
@@ -137,6 +163,8 @@ def run(
 
     with _handled(resumable=True):
         cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only))
+        if _plan_or_warn({cfg.init.method: cfg}, plan):
+            return
         accelerator = _accelerator()
         folder = run_stages(cfg, output, resume=resume, accelerator=accelerator)
         if accelerator.is_main_process:
@@ -156,10 +184,11 @@ def compare(
     data_dir: DataDirOpt = None,
     data_only: DataOnlyOpt = False,
     resume: Annotated[bool, typer.Option(help="Continue stopped runs in --output.")] = False,
+    plan: PlanOpt = False,
 ) -> None:
     """Run several methods on one sequence and write one table and the plots."""
     with _handled(resumable=True):
-        _compare(config, _overrides(set, None, sequence, model, data_dir, data_only), methods, output, resume)
+        _compare(config, _overrides(set, None, sequence, model, data_dir, data_only), methods, output, resume, plan)
 
 
 @app.command()

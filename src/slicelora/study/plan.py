@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..data.prompts import make_batches
 from ..data.sequences import load_sequence
 from ..data.tasks import load_task, search_dirs
-from ..loop.config import RunConfig
+from ..loop.config import RunConfig, flatten
 from ..init import get_init
 from ..init.registry import settings_of
 from ..loop.stages import init_config, stage_groups, stage_settings
@@ -154,6 +154,41 @@ def calibrate(study: Study) -> dict[str, float]:
 
 def plan_study(study: Study, *, workers: int = 1, measure: bool = True) -> str:
     """A Markdown plan: the grid, what is shared, and (with `measure`) the estimated compute and wall time."""
+    return _plan(study, workers, measure)[0]
+
+
+LONG_ON_CPU = 3600.0  # seconds: runs expected to take longer than this on a CPU get a warning
+
+
+def runs_as_study(configs: dict[str, RunConfig]) -> Study:
+    """The runs of one or more methods on one sequence (configs that differ only in init.method) as a one-seed study."""
+    first = next(iter(configs.values()))
+    base = {k: v for k, v in flatten(first.to_dict()).items() if k not in ("sequence", "seed", "init.method")}
+    return Study(base=base, variants={name: {"init.method": c.init.method} for name, c in configs.items()},
+                 sequences={"sequence": first.sequence}, seeds=[first.seed], reference=[next(iter(configs))],
+                 source="run config")
+
+
+def plan_runs(configs: dict[str, RunConfig]) -> str:
+    """`slicelora run/compare --plan`: the runs planned as a one-seed study, with the settings that differ from the
+    paper's and a warning when a CPU would take more than an hour."""
+    first = next(iter(configs.values()))
+    text, seconds = _plan(runs_as_study(configs), 1, True)
+    paper = flatten(RunConfig().to_dict())
+    differ = [f"{k}={v!r} (paper: {paper[k]!r})" for k, v in flatten(first.to_dict()).items()
+              if k in paper and v != paper[k] and k not in ("init.method",)]
+    text += "\n## Settings that differ from the paper's\n\n" + ("".join(f"- {d}\n" for d in differ) or "- none\n")
+    import torch
+
+    if seconds > LONG_ON_CPU and not torch.cuda.is_available():
+        text += (f"\n**Warning:** about {seconds / 3600:.1f} h on this CPU. The paper's settings are sized for a GPU; "
+                 "for a CPU try the demo's (`slicelora demo --help`, or smaller train.max_examples, adapter.rank, "
+                 "train.epochs, eval.examples).\n")
+    return text
+
+
+def _plan(study: Study, workers: int, measure: bool) -> tuple[str, float]:
+    """The plan's text and its estimated compute in seconds (0 without `measure`)."""
     work = count_work(study)
     cells = study.cells()
     lines = [f"# Study plan: {len(cells)} cells = {len(study.variants)} variants x {len(study.sequences)} sequences "
@@ -179,4 +214,5 @@ def plan_study(study: Study, *, workers: int = 1, measure: bool = True) -> str:
                   f"- compute: {seconds / 60:.0f} min with sharing ({alone / 60:.0f} min without); wall time with "
                   f"{workers} worker(s): about {seconds / 60 / max(workers, 1):.0f} min, plus model loading and "
                   "GP/IP evaluation when enabled"]
-    return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n", seconds
+    return "\n".join(lines) + "\n", 0.0
