@@ -84,6 +84,7 @@ def _finish(accelerator) -> None:
     accelerator.end_training()
 
 
+CPU_NOTE_TOKENS = 500_000  # training tokens past which a CPU run gets a note (~20 min for a 135M model)
 PlanOpt = Annotated[bool, typer.Option("--plan", help="Print the stages, the work, the settings that differ from the paper's and a time estimate; run nothing.")]
 
 
@@ -98,11 +99,12 @@ def _plan_or_warn(configs: dict, plan: bool) -> bool:
         console.print(plan_runs(configs), markup=False)
         return True
     if not torch.cuda.is_available():
-        work = count_work(runs_as_study(configs))
-        if work.train_batches + work.eval_examples > 2000:
-            console.print(f"note: no GPU; {work.train_batches} training batches and {work.eval_examples} scored "
-                          "examples ahead, which can take hours on a CPU. `--plan` estimates the time; `slicelora "
-                          "demo` shows CPU-sized settings.", markup=False, soft_wrap=True)
+        work, train = count_work(runs_as_study(configs)), next(iter(configs.values())).train
+        tokens = work.train_batches * train.batch_size * train.max_length  # at most: batches padded to max_length
+        if tokens > CPU_NOTE_TOKENS:
+            console.print(f"note: no GPU; {work.train_batches} training batches (up to {tokens:,} tokens) and "
+                          f"{work.eval_examples} scored examples ahead, which can take hours on a CPU. `--plan` "
+                          "estimates the time; `slicelora demo` shows CPU-sized settings.", markup=False, soft_wrap=True)
     return False
 
 
