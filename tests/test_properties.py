@@ -14,6 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from slicelora.data.sequences import Sequence, load_sequence
 from slicelora.data.tasks import Task, load_task
 from slicelora.errors import SliceLoraError
 from slicelora.loop.config import RunConfig, _keys, load_config
+from slicelora.loop.stages import run
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -326,3 +328,65 @@ def test_well_formed_inputs_load(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("adapter: {rank: 4}\ntrain.lr: 2e-4\n")
     assert load_config(cfg, ["init.method=lora_ga"]).adapter.rank == 4
+
+
+# --- the whole config surface, through a run ---------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+SURFACE = {  # each key's values: valid ones, edges and invalid ones
+    "adapter.rank": [0, 1, 4, 24, 48, -1],
+    "adapter.alpha": [2.0, 0.0, -1.0, NAN, INF],
+    "adapter.dropout": [0.0, 0.1, 1.0, 1.5],
+    "adapter.targets": [["q_proj"], ["q_proj", "down_proj"], ["nope"], []],
+    "init.method": ["vanilla", "lora_ga", "loram", "slice", "pissa", "eva", "slcie"],
+    "init.gate": [0.0, 1.0, -1.0, 2.0, NAN],
+    "init.strength": [0.5, 1.0, 0.0, 1.5],
+    "init.surgery_mode": ["global", "per_layer", "both"],
+    "init.projection": ["pcgrad", "gradvac", "null_space", "retain_add", "none"],
+    "init.gate_rule": ["fixed", "median", "always"],
+    "init.phi": [0.0, 0.5, 1.0, -2.0],
+    "init.null_rank": [None, 1, 0, 500],
+    "init.lora_ga_variant": ["paper", "reference", "peft"],
+    "init.loss_on": ["full", "answer", "prompt"],
+    "init.batches": [1, 0],
+    "init.replay_batching": ["each_task", "all_tasks"],
+    "train.lr": [1e-3, 0.0, -1e-3, NAN, INF],
+    "train.epochs": [1, 0],
+    "train.grad_accum": [1, 2, 0],
+    "train.max_length": [96, 8, 4],
+    "train.max_examples": [None, 4, 0],
+    "train.replay_examples": [0, 2, -1],
+    "train.multitask": [False, True],
+    "train.loss_on": ["full", "answer"],
+    "cl.method": ["none", "olora", "inflora", "replay", "ewc"],
+    "cl.olora_lambda": [0.5, -1.0, NAN],
+    "cl.inflora_rank": [4, 47, 48, 0],
+    "eval.batch_size": [4, 0],
+    "eval.examples": [2, 0],
+    "eval.max_new_tokens": [2, 0],
+}
+surface = st.dictionaries(st.sampled_from(sorted(SURFACE)), st.just(None), min_size=1, max_size=5).flatmap(
+    lambda keys: st.fixed_dictionaries({k: st.sampled_from(SURFACE[k]) for k in keys}))
+TINY_RUN = ["sequence=[363, 1687]", "adapter.rank=4", "init.batches=1", "init.batch_size=2", "init.replay_buffer=4",
+            "train.epochs=1", "train.batch_size=2", "train.grad_accum=1", "train.max_length=64",
+            "train.max_examples=4", "eval.examples=2", "eval.max_new_tokens=2", "general.enabled=false",
+            "cl.inflora_batches=1", "cl.inflora_batch_size=2"]
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(values=surface)
+def test_any_config_runs_a_tiny_model_or_fails_with_our_error(tiny_folder, values):
+    """Any combination of values either runs two tiny stages or stops with our error type, never a raw
+    traceback; a combination refused after the model loaded has trained nothing."""
+    overrides = TINY_RUN + [f"{k}={json.dumps(v) if isinstance(v, list) or v is None else v}"
+                            for k, v in values.items()]
+    config = outcome(load_config, None, [f"model={tiny_folder}", *overrides])
+    if isinstance(config, SliceLoraError):
+        return
+    with scratch() as root:
+        result = outcome(run, config, root / "run")
+        if isinstance(result, SliceLoraError):
+            assert not (root / "run" / "stages" / "01" / "train.json").exists() or "diverged" in str(result), result
+        else:
+            assert (result / "stages" / "02" / "scores.json").is_file()
