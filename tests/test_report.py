@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from slicelora.errors import ConfigError, DataError
-from slicelora.report.metrics import cl_metrics, loss_metrics
+from slicelora.eval.metrics import cl_metrics, loss_metrics
 from slicelora.report.plots import mark_zero_and_missing, new_figure, series_style, write_report
 from slicelora.report.runs import find_run_dirs, read_examples, read_r_csv, read_run, write_run_summary
 from slicelora.report.tables import comparison_table, final_scores_table, report_markdown, rich_table, to_csv

@@ -20,7 +20,7 @@ import numpy as np
 
 from slicelora import io
 from slicelora.errors import DataError
-from slicelora.report.metrics import cl_metrics, loss_metrics
+from slicelora.eval.metrics import cl_metrics, loss_metrics
 
 
 @dataclass
