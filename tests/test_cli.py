@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from slicelora import cli
 from slicelora.loop.config import load_config
 from slicelora.loop.stages import run
-from slicelora.report.runs import read_run
+from slicelora.loop.runfolder import read_run
 
 SMALL = ["sequence=demo", "adapter.rank=4", "init.batches=2", "init.batch_size=4", "init.replay_buffer=8",
          "train.epochs=1", "train.batch_size=4", "train.grad_accum=2", "train.max_length=96", "train.max_examples=12",

@@ -21,7 +21,7 @@ from slicelora.errors import ConfigError, RunStateError, TrainingDiverged
 from slicelora.loop.config import load_config
 from slicelora.loop.stages import run, stage_base_model
 from slicelora.models import tiny_tokenizer
-from slicelora.report.runs import read_run
+from slicelora.loop.runfolder import read_run
 
 SMALL = ["sequence=demo", "adapter.rank=4", "init.batches=2", "init.batch_size=4", "init.replay_buffer=8",
          "train.epochs=1", "train.batch_size=4", "train.grad_accum=2", "train.max_length=96", "train.max_examples=12",

@@ -22,7 +22,7 @@ from slicelora.init import Factors, InitMethod, LayerInput, get_init, init_adapt
 from slicelora.init.registry import INITS
 from slicelora.loop.config import load_config
 from slicelora.loop.stages import run, stage_base_model
-from slicelora.report.runs import read_run
+from slicelora.loop.runfolder import read_run
 from test_loop import SMALL, assert_same_run, probe
 
 TESTS = Path(__file__).parent

@@ -89,7 +89,7 @@ def _compare(config: Optional[Path], overrides: list[str], methods: str, output:
     from .loop.stages import check_collection_dir, run as run_stages
     from .report.plots import write_report
     from .report.tables import rich_table
-    from .report.runs import read_run
+    from .loop.runfolder import read_run
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     twice = sorted({m for m in names if names.count(m) > 1})
@@ -133,7 +133,7 @@ def run(
     from .loop.stages import run as run_stages
     from .report.plots import write_report
     from .report.tables import rich_table
-    from .report.runs import read_run
+    from .loop.runfolder import read_run
 
     with _handled(resumable=True):
         cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only))
@@ -204,7 +204,7 @@ def report(
 ) -> None:
     """Recompute the metrics from a run, comparison or study folder and write tables (Markdown, CSV) and plots."""
     from .report.plots import write_report
-    from .report.runs import find_run_dirs, read_run, write_run_summary
+    from .loop.runfolder import find_run_dirs, read_run, write_run_summary
     from .report.study import write_study_report
     from .report.tables import rich_table
 

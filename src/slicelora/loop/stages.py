@@ -47,14 +47,15 @@ from ..init.decompose import absorb
 from ..init.gradients import canonical_name
 from ..io import remove_temporaries, write_json, write_text, write_with
 from ..models import load_model, peft_wrapping
-from ..report.runs import write_run_summary
 from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict, library_init_config
 from .continual import ContinualMethod, Stage, active_methods, replay_buffer
-from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
+from .runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, CL_STATE_FILE, CONFIG_FILE, FACTORS_FILE, GENERAL_FILE,
+                        GENERATIONS_FILE, INIT_FILE, KEY_FILE, SCORES_FILE, STAGES_DIR, TASKS_FILE, TIMING_FILE,
+                        TRAIN_FILE, is_run_folder, stage_dir, write_run_summary)
+from .sharing import SharedWork, copy_tree, general_key, model_key, stage_key
 from .train import divergence, train_adapter
 
 # InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
-CL_STATE = "cl_state.safetensors"  # the continual-learning methods' state after the stage
 RUN_DEPENDENT = ("seconds", "gradients_from_cache", "gradient_sets_from_cache")
 # A stage adapter's base_model_name_or_path: it fits no saved model (see STAGE_ADAPTER_README), so it names none and
 # AutoPeftModelForCausalLM fails loudly, quoting this text, instead of loading it onto the wrong weights.
@@ -130,10 +131,6 @@ def init_config(config: RunConfig, stage: int, shared: SharedWork | None = None)
 
 # --- run folder ------------------------------------------------------------------------------------------------
 
-def stage_dir(run_dir: Path, stage: int) -> Path:
-    return run_dir / "stages" / f"{stage:02d}"
-
-
 def _fault_point(stage: int, step: str) -> None:
     """Fault injection for the resume tests: SLICELORA_FAULT="2:train" kills this process there."""
     if os.environ.get("SLICELORA_FAULT") == f"{stage}:{step}":
@@ -150,15 +147,15 @@ def check_output(path: Path) -> None:
 def check_collection_dir(out: Path, what: str) -> None:
     """Refuse, for a folder that will hold several run folders (a comparison, a study), a file or a run folder."""
     check_output(out)
-    if (out / "config.json").is_file():
-        raise RunStateError(f"{out} is a run folder (it has config.json); give a new folder for the {what}.")
+    if is_run_folder(out):
+        raise RunStateError(f"{out} is a run folder (it has {CONFIG_FILE}); give a new folder for the {what}.")
 
 
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> RunConfig | None:
     """Refuse a folder that holds another run, or results that would be overwritten without --resume; write nothing.
     Returns the config the folder was run with (None for a new folder). Only RESUMABLE settings may differ."""
     check_output(run_dir)
-    saved = run_dir / "config.json"
+    saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunStateError(f"{run_dir} is not empty and holds no run; choose an empty or new --output folder.")
@@ -173,7 +170,7 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> RunConfig 
             f"{run_dir} holds a different run; its config.json differs in {describe(refused)}. Choose another "
             "--output folder, or set these back to resume it (only eval.batch_size and general.* may change)."
         )
-    if not resume and (run_dir / "stages").exists():
+    if not resume and (run_dir / STAGES_DIR).exists():
         raise RunStateError(f"{run_dir} already has results of this run; pass --resume to continue it.")
     return previous
 
@@ -184,9 +181,9 @@ def _write_run_dir(run_dir: Path, config: RunConfig, previous: RunConfig | None,
     if previous is not None:
         remove_temporaries(run_dir)  # left by a process killed mid-write
         if previous.general != config.general:
-            (run_dir / "general.json").unlink(missing_ok=True)
-    write_json(run_dir / "config.json", config.to_dict())
-    write_json(run_dir / "tasks.json", [task.name for task in tasks])
+            (run_dir / GENERAL_FILE).unlink(missing_ok=True)
+    write_json(run_dir / CONFIG_FILE, config.to_dict())
+    write_json(run_dir / TASKS_FILE, [task.name for task in tasks])
 
 
 def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -216,9 +213,9 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
     """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
     trained adapter, with the same operations as the live run, so the result is bitwise the same."""
     with peft_wrapping():
-        peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
+        peft_model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR, is_trainable=False)
     if stage_absorbs(folder):
-        factors = load_file(str(folder / "init_factors.safetensors"))
+        factors = load_file(str(folder / FACTORS_FILE))
         with torch.no_grad():
             for name, module in peft_model.named_modules():
                 if "default" in getattr(module, "lora_A", {}):
@@ -232,7 +229,7 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
 def stage_absorbs(folder: Path) -> bool:
     """Whether a finished stage's init was absorbed into the base weight (its init record says so; records written
     before it did are looked up by method)."""
-    init = json.loads((folder / "init.json").read_text())
+    init = json.loads((folder / INIT_FILE).read_text())
     return init["absorbs"] if "absorbs" in init else get_init(init["method"]).absorbs
 
 
@@ -240,7 +237,7 @@ def merged_model(run_dir: str | Path, stage: int) -> tuple[torch.nn.Module, PreT
     """The run's model after its first `stage` stages (0: the base model), rebuilt from the run folder, and the
     tokenizer; float32 on the CPU."""
     run_dir = Path(run_dir)
-    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
     model, tokenizer = load_model(config.model)
     for t in range(1, stage + 1):
         model = rebuild_stage(model, stage_dir(run_dir, t), config)
@@ -251,11 +248,11 @@ def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
     """The base onto which stage `stage`'s saved adapter loads (PeftModel.from_pretrained): the model merged up to
     stage-1, with this stage's initial factors absorbed (for absorbing inits)."""
     run_dir = Path(run_dir)
-    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
     model, _ = merged_model(run_dir, stage - 1)
     folder = stage_dir(run_dir, stage)
     if stage_absorbs(folder):
-        factors = load_file(str(folder / "init_factors.safetensors"))
+        factors = load_file(str(folder / FACTORS_FILE))
         scaling = config.adapter.alpha / config.adapter.rank ** 0.5
         with torch.no_grad():
             for name, module in model.named_modules():
@@ -309,14 +306,14 @@ def run(
     groups = stage_groups(tasks, config)
     for t, learn in enumerate(groups, start=1):
         folder, seen = stage_dir(run_dir, t), [task for group in groups[:t] for task in group]
-        trained = (folder / "train.json").is_file()
+        trained = (folder / TRAIN_FILE).is_file()
         if trained:  # finished or trained earlier: replay its weight change, restore the CL methods' state
             model = rebuild_stage(model, folder, config)
             key = _read_key(folder)
             _load_cl_state(methods, folder)
-        if (folder / "scores.json").is_file():
+        if (folder / SCORES_FILE).is_file():
             continue
-        timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").is_file() else {}
+        timing = json.loads((folder / TIMING_FILE).read_text()) if (folder / TIMING_FILE).is_file() else {}
         if not trained:
             stage = Stage(t, learn, seen[:len(seen) - len(learn)])
             model, key, timing = _learn(model, tokenizer, stage, config, key, folder, accelerator, shared, methods)
@@ -334,13 +331,13 @@ def run(
         _fault_point(t, "eval")
         if main:
             if source is None:
-                write_text(folder / "generations.jsonl",
+                write_text(folder / GENERATIONS_FILE,
                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generations))
-                write_json(folder / "scores.json", {"stage": t, "task": _label(learn), **scores})
+                write_json(folder / SCORES_FILE, {"stage": t, "task": _label(learn), **scores})
             else:
-                for name in ("generations.jsonl", "scores.json"):
+                for name in (GENERATIONS_FILE, SCORES_FILE):
                     write_with(folder / name, lambda p, name=name: shutil.copyfile(source / name, p))
-            write_json(folder / "timing.json", {**timing, "eval": time.perf_counter() - start})
+            write_json(folder / TIMING_FILE, {**timing, "eval": time.perf_counter() - start})
             if shared is not None and source is None:
                 shared.publish_stage(key, folder)
             write_run_summary(run_dir)
@@ -387,22 +384,22 @@ def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, f
                               penalty=_summed_penalty(methods, peft_model) if methods else None)
         timing["train"] = curve.pop("seconds")
     else:
-        set_peft_model_state_dict(peft_model, load_file(str(source / "adapter" / "adapter_model.safetensors")))
-        curve = json.loads((source / "train.json").read_text())
+        set_peft_model_state_dict(peft_model, load_file(str(source / ADAPTER_DIR / ADAPTER_WEIGHTS)))
+        curve = json.loads((source / TRAIN_FILE).read_text())
         timing["train"] = time.perf_counter() - start
     for method in methods:
         method.after_stage(stage, trained_factors(peft_model))
     _fault_point(t, "train")
     if main:
-        write_with(folder / "init_factors.safetensors", lambda p: save_file(factors, str(p)))
+        write_with(folder / FACTORS_FILE, lambda p: save_file(factors, str(p)))
         record = {k: v for k, v in report.to_dict().items() if k not in RUN_DEPENDENT}
-        write_json(folder / "init.json", {**record, "stage": t, "task": _label(learn), "tau": config.init.gate})
+        write_json(folder / INIT_FILE, {**record, "stage": t, "task": _label(learn), "tau": config.init.gate})
         write_json(folder / KEY_FILE, keys)
         if source is None:
-            _save_adapter(folder / "adapter", peft_model)
+            _save_adapter(folder / ADAPTER_DIR, peft_model)
         else:
-            copy_tree(source / "adapter", folder / "adapter")
-        write_json(folder / "timing.json", timing)
+            copy_tree(source / ADAPTER_DIR, folder / ADAPTER_DIR)
+        write_json(folder / TIMING_FILE, timing)
     # 4. merge, then the methods' last step on the merged model; their state and train.json (last: its presence
     # marks the stage as trained) complete the stage
     merged = peft_model.merge_and_unload()
@@ -411,8 +408,8 @@ def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, f
     if main:
         if methods:
             state = {f"{m.name}/{k}": v for m in methods for k, v in m.state_dict().items()}
-            write_with(folder / CL_STATE, lambda p: save_file(state, str(p), metadata={"methods": _names(methods)}))
-        write_json(folder / "train.json", curve)
+            write_with(folder / CL_STATE_FILE, lambda p: save_file(state, str(p), metadata={"methods": _names(methods)}))
+        write_json(folder / TRAIN_FILE, curve)
     accelerator.wait_for_everyone()
     return merged, keys["after"], timing
 
@@ -439,7 +436,7 @@ def _load_cl_state(methods: list[ContinualMethod], folder: Path) -> None:
     """Restore the methods' state as it was after a finished stage (nothing to do without methods)."""
     if not methods:
         return
-    path = folder / CL_STATE
+    path = folder / CL_STATE_FILE
     if not path.is_file():
         raise RunStateError(f"{path} is missing: this stage was trained without the continual-learning methods "
                             f"{_names(methods)}; resume with the settings it was run with, or start a new run.")
@@ -486,7 +483,7 @@ def _general(run_dir: Path, config: RunConfig, model, tokenizer, which: str, kno
              shared: SharedWork | None, key: str | None) -> dict:
     """GP/IP scores of the base model ("base") or after the last stage ("final"), kept in general.json; taken from
     `known` (base only) or from `shared` when the same model was scored there with the same settings."""
-    path = run_dir / "general.json"
+    path = run_dir / GENERAL_FILE
     general = json.loads(path.read_text()) if path.is_file() else {}
     if which == "base" and known and "base" in known:
         general["base"] = known["base"]

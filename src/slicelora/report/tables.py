@@ -12,7 +12,7 @@ import rich.table
 
 from slicelora import io
 from slicelora.eval.metrics import LOSS_METRIC_NAMES, METRIC_NAMES
-from slicelora.report.runs import Run, general_summary
+from slicelora.loop.runfolder import Run, general_summary
 
 Cell = str | float | None
 
