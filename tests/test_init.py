@@ -380,6 +380,7 @@ def single_process_inits(tmp_path_factory):
     return load_file(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
 def test_two_processes_give_the_same_adapters(tmp_path, single_process_inits, sharding):
     """2 gloo processes, each with half the batches, whole model per process or FSDP2-sharded (gradients kept

@@ -63,6 +63,7 @@ def run_command(tiny_folder: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", RESUME_SCRIPT, str(out), f"model={tiny_folder}", *SMALL, "init.method=slice"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["2:init", "2:train", "3:eval"])
 def test_resume_after_a_crash_gives_the_same_results(tiny_folder, reference_run, tmp_path, step):
     crash_at(step, run_command(tiny_folder, tmp_path / "resumed"))
@@ -71,6 +72,7 @@ def test_resume_after_a_crash_gives_the_same_results(tiny_folder, reference_run,
     assert_same_run(reference_run, tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_resume_after_kills_at_random_moments(tiny_folder, reference_run, tmp_path):
     """SIGKILL at seeded random moments (in imports, gradient passes, training, evaluation or writing), resume each
     time, and end with exactly the uninterrupted results; no half-written file is ever left."""
