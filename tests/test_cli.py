@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import SMALL
 from slicelora import cli
 from slicelora.loop.config import load_config
+from slicelora.loop.runfolder import read_run
 from slicelora.loop.stages import run
-from slicelora.report.runs import read_run
 
-SMALL = ["sequence=demo", "adapter.rank=4", "init.batches=2", "init.batch_size=4", "init.replay_buffer=8",
-         "train.epochs=1", "train.batch_size=4", "train.grad_accum=2", "train.max_length=96", "train.max_examples=12",
-         "eval.examples=3", "eval.max_new_tokens=3", "general.enabled=false", "init.method=vanilla"]
+VANILLA = [*SMALL, "init.method=vanilla"]  # the small run with the cheapest init
 
 
 def sets(*items: str) -> list[str]:
@@ -37,7 +36,7 @@ def invoke(*args: str):
 
 
 def small_run(model: Path, out: Path, *extra: str) -> tuple[int, str]:
-    return invoke("run", "-o", str(out), "--model", str(model), *sets(*SMALL, *extra))
+    return invoke("run", "-o", str(out), "--model", str(model), *sets(*VANILLA, *extra))
 
 
 # --- settings ----------------------------------------------------------------------------------------------------
@@ -106,7 +105,7 @@ def test_output_that_is_a_file_is_refused(tiny_folder, tmp_path):
     (tmp_path / "file").write_text("mine")
     for args in (["run"], ["compare", "--methods", "vanilla"]):
         for target in (tmp_path / "file", tmp_path / "file" / "run"):
-            code, out = invoke(*args, "-o", str(target), "--model", str(tiny_folder), *sets(*SMALL))
+            code, out = invoke(*args, "-o", str(target), "--model", str(tiny_folder), *sets(*VANILLA))
             assert code == 2 and f"{tmp_path / 'file'} is a file, not a folder" in out, out
     assert (tmp_path / "file").read_text() == "mine"
 
@@ -114,7 +113,7 @@ def test_output_that_is_a_file_is_refused(tiny_folder, tmp_path):
 def test_compare_refuses_a_run_folder_and_duplicate_methods(tiny_folder, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
-    model = ["--model", str(tiny_folder), *sets(*SMALL)]
+    model = ["--model", str(tiny_folder), *sets(*VANILLA)]
     code, out = invoke("compare", "--methods", "vanilla", "-o", str(tmp_path / "run"), *model)
     assert code == 2 and "is a run folder (it has config.json)" in out, out
     code, out = invoke("compare", "--methods", "vanilla,slice,vanilla", "-o", str(tmp_path / "new"), *model)
@@ -125,7 +124,7 @@ def test_compare_refuses_a_run_folder_and_duplicate_methods(tiny_folder, tmp_pat
 def test_refused_resume_lists_the_changed_settings(tiny_folder, tmp_path):
     out_dir = tmp_path / "run"
     out_dir.mkdir()
-    saved = load_config(None, [f"model={tiny_folder}", *SMALL])
+    saved = load_config(None, [f"model={tiny_folder}", *VANILLA])
     (out_dir / "config.json").write_text(json.dumps(saved.to_dict()))
     code, out = small_run(tiny_folder, out_dir, "train.lr=2e-4", "eval.examples=4", "eval.batch_size=2")
     assert code == 2 and "differs in eval.examples: 3 -> 4; train.lr: 0.0001 -> 0.0002." in out, out
@@ -169,10 +168,10 @@ def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, tmp_path, command
 
 @pytest.mark.slow
 def test_sigint_then_resume_gives_the_uninterrupted_results(tiny_folder, tmp_path):
-    reference = run(load_config(None, [f"model={tiny_folder}", *SMALL]), tmp_path / "reference")
+    reference = run(load_config(None, [f"model={tiny_folder}", *VANILLA]), tmp_path / "reference")
     out_dir = tmp_path / "run"
     command = [sys.executable, "-m", "slicelora.cli", "run", "-o", str(out_dir), "--model", str(tiny_folder),
-               *sets(*SMALL)]
+               *sets(*VANILLA)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

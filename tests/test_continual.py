@@ -5,22 +5,19 @@ bad settings."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import logits, wrap
+from conftest import RESUME_SCRIPT, SMALL, assert_same_run, crash_at, logits, wrap
 from slicelora.errors import ConfigError
 from slicelora.loop.config import load_config
 from slicelora.loop.continual import CL_METHODS, ContinualMethod, OLoRA, Stage, lora_a_weights, register_cl
 from slicelora.loop.stages import run
 from slicelora.init import init_adapter
 from slicelora.models import tiny_llama, tiny_tokenizer
-from test_loop import SMALL, assert_same_run
 
 
 def olora_config(lam: float = 0.5):
@@ -123,10 +120,6 @@ def test_a_toy_method_is_one_registration(tiny_folder, tmp_path):
         CL_METHODS.pop("counting")
 
 
-RESUME = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
-          "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
-
-
 CL_SETTINGS = {"olora": ["cl.method=olora", "train.replay_examples=2"],
                "inflora": ["cl.method=inflora", "cl.inflora_rank=8", "cl.inflora_batches=2", "cl.inflora_batch_size=4"]}
 
@@ -137,10 +130,7 @@ CL_SETTINGS = {"olora": ["cl.method=olora", "train.replay_examples=2"],
 def test_cl_methods_resume_after_a_crash_at_each_step(tiny_folder, tmp_path, method, step):
     settings = [f"model={tiny_folder}", *SMALL, "init.method=slice", *CL_SETTINGS[method]]
     reference = run(load_config(None, settings), tmp_path / "reference")
-    env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
-    crashed = subprocess.run([sys.executable, "-c", RESUME, str(tmp_path / "resumed"), *settings], env=env,
-                             capture_output=True, timeout=600)
-    assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
+    crash_at(step, [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "resumed"), *settings])
     run(load_config(None, settings), tmp_path / "resumed", resume=True)
     assert_same_run(reference, tmp_path / "resumed")
     for t in (1, 2, 3):

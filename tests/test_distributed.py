@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from slicelora.models import tiny_llama, tiny_tokenizer
 
 HERE = Path(__file__).parent
+pytestmark = pytest.mark.slow  # a run in one process, then in two
 
 
 def test_two_processes_match_one(tmp_path):

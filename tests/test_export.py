@@ -14,12 +14,12 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from conftest import probe, small_config
 import slicelora.export as export_module
 from slicelora.cli import app
 from slicelora.errors import ConfigError, RunStateError
 from slicelora.export import export_stage
 from slicelora.loop.stages import STAGE_ADAPTER_BASE, run
-from test_loop import probe, small_config
 
 
 @pytest.fixture(scope="module", params=["slice", "vanilla"])

@@ -14,7 +14,7 @@ from peft import LoraConfig, LoraGAConfig, get_peft_model
 from peft.tuners.lora.loraga import preprocess_loraga
 from safetensors.torch import load_file
 
-from conftest import logits, wrap
+from conftest import global_dot, logits, random_grads, wrap
 from slicelora.errors import InitError
 from slicelora.init import (
     InitConfig, accumulate_gradients, dst_basis, init_adapter, product_variance, project_conflicting,
@@ -24,15 +24,6 @@ from slicelora.models import LLAMA_TARGETS, is_checkpointing, tiny_llama
 
 DIST_SCRIPT = Path(__file__).parent / "dist_init.py"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def random_grads(seed: int, shapes=((6, 5), (4, 7), (3, 3))) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {f"l{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
-
-
-def global_dot(a, b) -> float:
-    return sum(float((a[k].double() * b[k].double()).sum()) for k in a)
 
 
 # --- surgery ---------------------------------------------------------------------------------------------------
@@ -389,6 +380,7 @@ def single_process_inits(tmp_path_factory):
     return load_file(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
 def test_two_processes_give_the_same_adapters(tmp_path, single_process_inits, sharding):
     """2 gloo processes, each with half the batches, whole model per process or FSDP2-sharded (gradients kept

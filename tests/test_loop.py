@@ -4,38 +4,21 @@ config and run-folder errors."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from peft import PeftModel
 
-from conftest import kill_at
+from conftest import RESUME_SCRIPT, SMALL, assert_same_run, crash_at, kill_at, probe, small_config
 from slicelora.errors import ConfigError, RunStateError, TrainingDiverged
 from slicelora.loop.config import load_config
+from slicelora.loop.runfolder import read_run
 from slicelora.loop.stages import run, stage_base_model
 from slicelora.models import tiny_tokenizer
-from slicelora.report.runs import read_run
-
-SMALL = ["sequence=demo", "adapter.rank=4", "init.batches=2", "init.batch_size=4", "init.replay_buffer=8",
-         "train.epochs=1", "train.batch_size=4", "train.grad_accum=2", "train.max_length=96", "train.max_examples=12",
-         "eval.examples=3", "eval.max_new_tokens=3", "general.enabled=false"]
-
-
-def small_config(model: Path, *extra: str):
-    return load_config(None, [f"model={model}", *SMALL, *extra])
-
-
-def probe(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.arange(3, 40).reshape(1, -1)
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("method", ["vanilla", "lora_ga", "loram", "slice"])
@@ -71,10 +54,6 @@ def test_saved_adapter_reproduces_the_stage_model(tiny_folder, tmp_path):
         torch.testing.assert_close(probe(loaded), live[t], atol=1e-5, rtol=0)
 
 
-RESUME_SCRIPT = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
-                 "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
-
-
 @pytest.fixture(scope="module")
 def reference_run(tiny_folder, tmp_path_factory) -> Path:
     return run(small_config(tiny_folder, "init.method=slice"), tmp_path_factory.mktemp("reference") / "run")
@@ -84,27 +63,16 @@ def run_command(tiny_folder: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", RESUME_SCRIPT, str(out), f"model={tiny_folder}", *SMALL, "init.method=slice"]
 
 
-def assert_same_run(reference: Path, other: Path) -> None:
-    """Same R, same generations (text) and bitwise the same adapters at every stage."""
-    np.testing.assert_array_equal(read_run(reference).R, read_run(other).R)
-    for t in (1, 2, 3):
-        a, b = reference / "stages" / f"{t:02d}", other / "stages" / f"{t:02d}"
-        assert (a / "generations.jsonl").read_text() == (b / "generations.jsonl").read_text()
-        ours = load_file(str(b / "adapter" / "adapter_model.safetensors"))
-        theirs = load_file(str(a / "adapter" / "adapter_model.safetensors"))
-        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["2:init", "2:train", "3:eval"])
 def test_resume_after_a_crash_gives_the_same_results(tiny_folder, reference_run, tmp_path, step):
-    env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
-    crashed = subprocess.run(run_command(tiny_folder, tmp_path / "resumed"), env=env, capture_output=True, timeout=600)
-    assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]  # killed at the fault point
+    crash_at(step, run_command(tiny_folder, tmp_path / "resumed"))
     assert not (tmp_path / "resumed" / "stages" / "03" / "scores.json").exists()
     run(small_config(tiny_folder, "init.method=slice"), tmp_path / "resumed", resume=True)
     assert_same_run(reference_run, tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_resume_after_kills_at_random_moments(tiny_folder, reference_run, tmp_path):
     """SIGKILL at seeded random moments (in imports, gradient passes, training, evaluation or writing), resume each
     time, and end with exactly the uninterrupted results; no half-written file is ever left."""

@@ -10,12 +10,11 @@ import math
 import pytest
 import torch
 
-from conftest import wrap
+from conftest import global_dot, random_grads, wrap
 from slicelora.errors import ConfigError, InitError
 from slicelora.init import InitConfig, init_adapter, project_conflicting
 from slicelora.init.surgery import ProjectionSettings
 from slicelora.loop.config import load_config
-from test_init import global_dot, random_grads
 
 
 def cosine(a: dict, b: dict) -> float:

@@ -5,8 +5,6 @@ nearest suggested, and a toy method registered here in a few lines that the conf
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,15 +13,14 @@ import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
-from conftest import logits, wrap
+from conftest import SMALL, assert_same_run, crash_at, logits, probe, wrap
 from slicelora.cli import app
 from slicelora.errors import ConfigError, InitError
 from slicelora.init import Factors, InitMethod, LayerInput, get_init, init_adapter, init_names, register_init
 from slicelora.init.registry import INITS
 from slicelora.loop.config import load_config
+from slicelora.loop.runfolder import read_run
 from slicelora.loop.stages import run, stage_base_model
-from slicelora.report.runs import read_run
-from test_loop import SMALL, assert_same_run, probe
 
 TESTS = Path(__file__).parent
 
@@ -112,9 +109,6 @@ TOY_RESUME = ("import sys; sys.path.insert(0, sys.argv[1]); import test_registry
 def test_a_toy_method_resumes_after_a_crash_at_each_step(toy, tiny_folder, tmp_path, step):
     settings = [f"model={tiny_folder}", *SMALL, f"init.method={toy}"]
     reference = run(load_config(None, settings), tmp_path / "reference")
-    env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
-    crashed = subprocess.run([sys.executable, "-c", TOY_RESUME, str(TESTS), str(tmp_path / "resumed"), *settings],
-                             env=env, capture_output=True, timeout=600)
-    assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
+    crash_at(step, [sys.executable, "-c", TOY_RESUME, str(TESTS), str(tmp_path / "resumed"), *settings])
     run(load_config(None, settings), tmp_path / "resumed", resume=True)
     assert_same_run(reference, tmp_path / "resumed")

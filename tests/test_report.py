@@ -12,9 +12,9 @@ import pytest
 from rich.console import Console
 
 from slicelora.errors import ConfigError, DataError
-from slicelora.report.metrics import cl_metrics, loss_metrics
+from slicelora.eval.metrics import cl_metrics, loss_metrics
 from slicelora.report.plots import mark_zero_and_missing, new_figure, series_style, write_report
-from slicelora.report.runs import find_run_dirs, read_examples, read_r_csv, read_run, write_run_summary
+from slicelora.loop.runfolder import find_run_dirs, read_examples, read_run, write_run_summary
 from slicelora.report.tables import comparison_table, final_scores_table, report_markdown, rich_table, to_csv
 
 NAN = np.nan
@@ -31,13 +31,12 @@ R3_METRICS = {"AP": 245 / 3, "FP": 220 / 3, "Forget": 25 / 3, "BWT": -12.5, "BWT
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root: Path, method, tasks: list[str], R: np.ndarray, *, general=None, init=None,
+def write_run(root: Path, method: str, tasks: list[str], R: np.ndarray, *, general=None, init=None,
               L: np.ndarray | None = None) -> Path:
-    """A run folder written by hand in the brief's layout (one stage folder per row of R; with L, scores.json
+    """A run folder written by hand in the stage loop's layout (one stage folder per row of R; with L, scores.json
     records losses as well)."""
     root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({"method": method, "model": "tiny",
-                                                  "sequence": {"name": "test", "tasks": tasks}}))
+    (root / "config.json").write_text(json.dumps({"model": "tiny", "sequence": "test", "init": {"method": method}}))
     (root / "tasks.json").write_text(json.dumps(tasks))
     for i, row in enumerate(R):
         stage = root / "stages" / f"{i + 1:02d}"
@@ -52,6 +51,10 @@ def write_run(root: Path, method, tasks: list[str], R: np.ndarray, *, general=No
     if general is not None:
         (root / "general.json").write_text(json.dumps(general))
     return root
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    return list(csv.reader(path.read_text().splitlines()))
 
 
 GENERAL = {"base": {"GP": {"hellaswag": 50.0, "csqa": 60.0}, "IP": {"hellaswag": 52.0, "csqa": 64.0}},
@@ -105,8 +108,7 @@ def test_cl_metrics_rejects_bad_matrices(R, match):
 # --- run folders -------------------------------------------------------------------------------------------------
 
 def test_read_run(tmp_path):
-    run = read_run(write_run(tmp_path / "slice", {"name": "slice", "c": 1.0}, TASKS, R3, general=GENERAL,
-                             init=INIT))
+    run = read_run(write_run(tmp_path / "slice", "slice", TASKS, R3, general=GENERAL, init=INIT))
     assert run.method == "slice" and run.tasks == TASKS and run.complete and run.stages_done == 3
     np.testing.assert_array_equal(run.R, R3)
     assert run.init[1]["cosine"] == -0.2 and run.general == GENERAL
@@ -130,10 +132,8 @@ def test_write_run_summary(tmp_path):
                                      "GP_base[csqa]": 60.0, "GP_final[hellaswag]": 40.0, "GP_final[csqa]": 58.0,
                                      "IP_base[hellaswag]": 52.0, "IP_base[csqa]": 64.0,
                                      "IP_final[hellaswag]": 50.0, "IP_final[csqa]": 60.0})
-    R, tasks = read_r_csv(run_dir / "R.csv")
-    assert tasks == TASKS
-    np.testing.assert_array_equal(R, R3)
-    assert (run_dir / "R.csv").read_text().splitlines()[1] == "1,80.0,,"
+    assert read_csv(run_dir / "R.csv") == [["stage", *TASKS], ["1", "80.0", "", ""], ["2", "88.0", "90.0", ""],
+                                           ["3", "60.0", "85.0", "75.0"]]
     assert not list(run_dir.glob(".*.tmp"))
     assert read_run(run_dir).R_loss is None and not (run_dir / "R_loss.csv").exists()  # no losses recorded
 
@@ -166,13 +166,8 @@ def test_loss_matrix_from_scores_json(tmp_path):
     np.testing.assert_array_equal(run.R_loss, L3)
     summary = write_run_summary(run_dir)
     assert {k: summary[k] for k in L3_METRICS} == pytest.approx(L3_METRICS)
-    L, tasks = read_r_csv(run_dir / "R_loss.csv")
-    assert tasks == TASKS
-    np.testing.assert_array_equal(L, L3)
-    for scores in run_dir.glob("stages/*/scores.json"):  # R.csv and R_loss.csv stand in for missing stages
-        scores.unlink()
-    np.testing.assert_array_equal(read_run(run_dir).R_loss, L3)
-    assert read_run(run_dir).loss_metrics() == pytest.approx(L3_METRICS)
+    assert read_csv(run_dir / "R_loss.csv") == [["stage", *TASKS], ["1", "1.0", "", ""], ["2", "1.5", "0.8", ""],
+                                                ["3", "2.0", "1.2", "0.5"]]
 
 
 def test_loss_matrix_unfinished_and_partial(tmp_path):
@@ -212,14 +207,6 @@ def test_read_examples(tmp_path):
         read_examples(run_dir)
 
 
-def test_r_csv_is_used_when_no_stage_has_scores(tmp_path):
-    run_dir = write_run(tmp_path / "run", "slice", TASKS, R3)
-    write_run_summary(run_dir)
-    for scores in run_dir.glob("stages/*/scores.json"):
-        scores.unlink()
-    np.testing.assert_array_equal(read_run(run_dir).R, R3)
-
-
 def test_not_a_run_folder(tmp_path):
     with pytest.raises(DataError, match="not a run folder"):
         read_run(tmp_path)
@@ -229,8 +216,9 @@ def test_not_a_run_folder(tmp_path):
 
 @pytest.mark.parametrize("breakage, match", [
     (lambda d: (d / "config.json").write_text("{oops"), r"config\.json: not valid JSON"),
-    (lambda d: (d / "config.json").write_text('{"tasks": []}'), "field 'method'"),
+    (lambda d: (d / "config.json").write_text('{"init": {}}'), r"field 'init\.method'"),
     (lambda d: (d / "tasks.json").write_text("[]"), "non-empty list of task names"),
+    (lambda d: (d / "tasks.json").unlink(), r"tasks\.json: cannot be read"),
     (lambda d: (d / "stages/02/scores.json").write_text('{"stage": 2, "scores": {"FOMC": 1}}'),
      "no score for task 'task363"),
     (lambda d: (d / "stages/02/scores.json").unlink(), "stage 3 has scores but stage 2 has none"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from slicelora.errors import DataError
-from slicelora.report.metrics import cl_metrics
+from slicelora.eval.metrics import cl_metrics
 from slicelora.report.stats import (SUMMARIES, betainc, bootstrap_paired, bootstrap_seeds, difference,
                                     paired_differences, summaries, t_cdf, t_quantile, t_summary)
 

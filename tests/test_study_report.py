@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from slicelora.errors import DataError
-from slicelora.report.metrics import cl_metrics, loss_metrics
+from slicelora.eval.metrics import cl_metrics, loss_metrics
 from slicelora.report.stats import bootstrap_paired, bootstrap_seeds
 from slicelora.report.study import read_study_results, write_study_report
 

@@ -111,10 +111,10 @@ def _plan_or_warn(configs: dict, plan: bool) -> bool:
 def _compare(config: Optional[Path], overrides: list[str], methods: str, output: Path, resume: bool,
              plan: bool = False) -> None:
     from .loop.config import load_config
+    from .loop.runfolder import read_run
     from .loop.stages import check_collection_dir, run as run_stages
     from .report.plots import write_report
     from .report.tables import rich_table
-    from .report.runs import read_run
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     twice = sorted({m for m in names if names.count(m) > 1})
@@ -158,10 +158,10 @@ def run(
 ) -> None:
     """Run one method on one task sequence; writes R, metrics, generations and adapters to --output."""
     from .loop.config import load_config
+    from .loop.runfolder import read_run
     from .loop.stages import run as run_stages
     from .report.plots import write_report
     from .report.tables import rich_table
-    from .report.runs import read_run
 
     with _handled(resumable=True):
         cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only))
@@ -234,8 +234,8 @@ def report(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: RUN_DIR).")] = None,
 ) -> None:
     """Recompute the metrics from a run, comparison or study folder and write tables (Markdown, CSV) and plots."""
+    from .loop.runfolder import find_run_dirs, read_run, write_run_summary
     from .report.plots import write_report
-    from .report.runs import find_run_dirs, read_run, write_run_summary
     from .report.study import write_study_report
     from .report.tables import rich_table
 

@@ -27,11 +27,12 @@ from transformers import GenerationConfig
 
 from .errors import ConfigError, RunStateError
 from .init.gradients import canonical_name
-from .loop.stages import merged_model, stage_absorbs, stage_dir
-from .report.runs import Run, read_run
+from .loop.runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, FACTORS_FILE, INIT_FILE, SCORES_FILE, TRAIN_FILE, Run,
+                             is_run_folder, read_run, stage_dir, stage_finished)
+from .loop.stages import merged_model, stage_absorbs
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-STAGE_FILES = ("adapter/adapter_config.json", f"adapter/{ADAPTER_WEIGHTS}", "init.json", "train.json", "scores.json")
+STAGE_FILES = (f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", INIT_FILE, TRAIN_FILE,
+               SCORES_FILE)  # what rebuilding a stage reads (and the init's factors when it absorbs)
 
 
 def export_stage(run_dir: str | Path, stage: int | None = None, *, merged: str | Path | None = None,
@@ -65,10 +66,10 @@ def export_stage(run_dir: str | Path, stage: int | None = None, *, merged: str |
 
 
 def _read_finished_run(run_dir: Path) -> Run:
-    if not (run_dir / "config.json").is_file():
+    if not is_run_folder(run_dir):
         raise RunStateError(f"{run_dir} is not a run folder (no config.json); give a folder written by "
                             "`slicelora run` (or one method's folder inside a `compare` or study folder).")
-    if not (stage_dir(run_dir, 1) / "scores.json").is_file():
+    if not stage_finished(run_dir, 1):
         raise RunStateError(f"{run_dir} has no finished stage yet (no stages/01/scores.json); continue it with "
                             "`slicelora run --resume` and export once a stage has finished.")
     return read_run(run_dir)
@@ -81,13 +82,13 @@ def _check_stage(run: Run, stage: int) -> None:
         raise ConfigError(f"--stage {stage}: {run.path} has stages 1..{total}; give one of them.")
     if stage > done:
         raise RunStateError(f"--stage {stage}: stage {stage} of {run.path} has not finished (no "
-                            f"{stage_dir(run.path, stage) / 'scores.json'}); its finished stages are 1..{done}. "
+                            f"{stage_dir(run.path, stage) / SCORES_FILE}); its finished stages are 1..{done}. "
                             "Export one of those, or finish the run with `slicelora run --resume` first.")
     for t in range(1, stage + 1):
         folder = stage_dir(run.path, t)
         missing = [name for name in STAGE_FILES if not (folder / name).is_file()]
-        if not missing and stage_absorbs(folder) and not (folder / "init_factors.safetensors").is_file():
-            missing.append("init_factors.safetensors")
+        if not missing and stage_absorbs(folder) and not (folder / FACTORS_FILE).is_file():
+            missing.append(FACTORS_FILE)
         if missing:
             raise RunStateError(f"{folder} lacks {', '.join(missing)}: stage {t} cannot be rebuilt. Delete that "
                                 "stage folder and rerun it with `slicelora run --resume`, or export an earlier stage.")
@@ -125,10 +126,10 @@ def _save_stage_adapter(run: Run, stage: int, final: Path, tmp: Path) -> None:
     before = "the base model (before stage 1)" if stage == 1 else f"the model after stage {stage - 1}"
     _save_model(model, tokenizer, tmp / "base", _card(run, stage - 1, before))
     folder = stage_dir(run.path, stage)
-    config = LoraConfig.from_pretrained(str(folder / "adapter"))
-    weights = load_file(str(folder / "adapter" / ADAPTER_WEIGHTS))
+    config = LoraConfig.from_pretrained(str(folder / ADAPTER_DIR))
+    weights = load_file(str(folder / ADAPTER_DIR / ADAPTER_WEIGHTS))
     if stage_absorbs(folder):
-        weights, config = _with_absorbed_init(weights, load_file(str(folder / "init_factors.safetensors")), config)
+        weights, config = _with_absorbed_init(weights, load_file(str(folder / FACTORS_FILE)), config)
     config.base_model_name_or_path = str((final / "base").resolve())
     config.inference_mode = True
     config.save_pretrained(str(tmp / "adapter"))

@@ -27,8 +27,7 @@ import torch
 from .. import __version__
 from ..data.tasks import Task
 from ..io import write_json
-
-KEY_FILE = "key.json"
+from .runfolder import SCORES_FILE
 
 
 def _hash(*parts: Any) -> str:
@@ -90,7 +89,7 @@ class SharedWork:
         if not pointer.is_file():
             return None
         folder = self.root.parent / json.loads(pointer.read_text())["folder"]
-        return folder if (folder / "scores.json").is_file() else None
+        return folder if (folder / SCORES_FILE).is_file() else None
 
     def publish_stage(self, key: str, folder: Path) -> None:
         write_json(self.root / "stages" / f"{key}.json",

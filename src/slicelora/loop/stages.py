@@ -9,7 +9,8 @@
 
 After every stage the run folder gets, atomically: the init diagnostics and initial factors, the stage's key, the
 trained adapter (PEFT format), the loss curve, every generation with its score and answer NLL, the R row, and the
-wall time of each step (timing.json, the only file that differs between two runs of the same config).
+wall time of each step (timing.json, the only file that differs between two runs of the same config); the layout
+is runfolder.py's. `run` below is the loop itself, one function per step.
 `resume=True` rebuilds the merged model from those files and continues after the last finished step, ending with
 the same results. With a `SharedWork` store (studies), a stage whose key another run already finished is copied
 from it instead of being trained and evaluated again (see sharing.py).
@@ -26,7 +27,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,19 +43,20 @@ from ..data.tasks import Example, Task, load_task, search_dirs
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
 from ..eval.tasks import evaluate_task
-from ..init import InitConfig, get_init, init_adapter
+from ..init import InitConfig, InitReport, get_init, init_adapter
 from ..init.decompose import absorb
 from ..init.gradients import canonical_name
 from ..io import remove_temporaries, write_json, write_text, write_with
 from ..models import load_model, peft_wrapping
-from ..report.runs import write_run_summary
 from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict, library_init_config
 from .continual import ContinualMethod, Stage, active_methods, replay_buffer
-from .sharing import KEY_FILE, SharedWork, copy_tree, general_key, model_key, stage_key
+from .runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, CL_STATE_FILE, CONFIG_FILE, FACTORS_FILE, GENERAL_FILE,
+                        GENERATIONS_FILE, INIT_FILE, KEY_FILE, SCORES_FILE, STAGES_DIR, TASKS_FILE, TIMING_FILE,
+                        TRAIN_FILE, is_run_folder, stage_dir, write_run_summary)
+from .sharing import SharedWork, copy_tree, general_key, model_key, stage_key
 from .train import divergence, train_adapter
 
 # InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
-CL_STATE = "cl_state.safetensors"  # the continual-learning methods' state after the stage
 RUN_DEPENDENT = ("seconds", "gradients_from_cache", "gradient_sets_from_cache")
 # A stage adapter's base_model_name_or_path: it fits no saved model (see STAGE_ADAPTER_README), so it names none and
 # AutoPeftModelForCausalLM fails loudly, quoting this text, instead of loading it onto the wrong weights.
@@ -130,10 +132,6 @@ def init_config(config: RunConfig, stage: int, shared: SharedWork | None = None)
 
 # --- run folder ------------------------------------------------------------------------------------------------
 
-def stage_dir(run_dir: Path, stage: int) -> Path:
-    return run_dir / "stages" / f"{stage:02d}"
-
-
 def _fault_point(stage: int, step: str) -> None:
     """Fault injection for the resume tests: SLICELORA_FAULT="2:train" kills this process there."""
     if os.environ.get("SLICELORA_FAULT") == f"{stage}:{step}":
@@ -150,15 +148,15 @@ def check_output(path: Path) -> None:
 def check_collection_dir(out: Path, what: str) -> None:
     """Refuse, for a folder that will hold several run folders (a comparison, a study), a file or a run folder."""
     check_output(out)
-    if (out / "config.json").is_file():
-        raise RunStateError(f"{out} is a run folder (it has config.json); give a new folder for the {what}.")
+    if is_run_folder(out):
+        raise RunStateError(f"{out} is a run folder (it has {CONFIG_FILE}); give a new folder for the {what}.")
 
 
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> RunConfig | None:
     """Refuse a folder that holds another run, or results that would be overwritten without --resume; write nothing.
     Returns the config the folder was run with (None for a new folder). Only RESUMABLE settings may differ."""
     check_output(run_dir)
-    saved = run_dir / "config.json"
+    saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunStateError(f"{run_dir} is not empty and holds no run; choose an empty or new --output folder.")
@@ -173,7 +171,7 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> RunConfig 
             f"{run_dir} holds a different run; its config.json differs in {describe(refused)}. Choose another "
             "--output folder, or set these back to resume it (only eval.batch_size and general.* may change)."
         )
-    if not resume and (run_dir / "stages").exists():
+    if not resume and (run_dir / STAGES_DIR).exists():
         raise RunStateError(f"{run_dir} already has results of this run; pass --resume to continue it.")
     return previous
 
@@ -184,9 +182,9 @@ def _write_run_dir(run_dir: Path, config: RunConfig, previous: RunConfig | None,
     if previous is not None:
         remove_temporaries(run_dir)  # left by a process killed mid-write
         if previous.general != config.general:
-            (run_dir / "general.json").unlink(missing_ok=True)
-    write_json(run_dir / "config.json", config.to_dict())
-    write_json(run_dir / "tasks.json", [task.name for task in tasks])
+            (run_dir / GENERAL_FILE).unlink(missing_ok=True)
+    write_json(run_dir / CONFIG_FILE, config.to_dict())
+    write_json(run_dir / TASKS_FILE, [task.name for task in tasks])
 
 
 def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -216,9 +214,9 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
     """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
     trained adapter, with the same operations as the live run, so the result is bitwise the same."""
     with peft_wrapping():
-        peft_model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=False)
+        peft_model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR, is_trainable=False)
     if stage_absorbs(folder):
-        factors = load_file(str(folder / "init_factors.safetensors"))
+        factors = load_file(str(folder / FACTORS_FILE))
         with torch.no_grad():
             for name, module in peft_model.named_modules():
                 if "default" in getattr(module, "lora_A", {}):
@@ -232,7 +230,7 @@ def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> to
 def stage_absorbs(folder: Path) -> bool:
     """Whether a finished stage's init was absorbed into the base weight (its init record says so; records written
     before it did are looked up by method)."""
-    init = json.loads((folder / "init.json").read_text())
+    init = json.loads((folder / INIT_FILE).read_text())
     return init["absorbs"] if "absorbs" in init else get_init(init["method"]).absorbs
 
 
@@ -240,7 +238,7 @@ def merged_model(run_dir: str | Path, stage: int) -> tuple[torch.nn.Module, PreT
     """The run's model after its first `stage` stages (0: the base model), rebuilt from the run folder, and the
     tokenizer; float32 on the CPU."""
     run_dir = Path(run_dir)
-    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
     model, tokenizer = load_model(config.model)
     for t in range(1, stage + 1):
         model = rebuild_stage(model, stage_dir(run_dir, t), config)
@@ -251,11 +249,11 @@ def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
     """The base onto which stage `stage`'s saved adapter loads (PeftModel.from_pretrained): the model merged up to
     stage-1, with this stage's initial factors absorbed (for absorbing inits)."""
     run_dir = Path(run_dir)
-    config = from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
     model, _ = merged_model(run_dir, stage - 1)
     folder = stage_dir(run_dir, stage)
     if stage_absorbs(folder):
-        factors = load_file(str(folder / "init_factors.safetensors"))
+        factors = load_file(str(folder / FACTORS_FILE))
         scaling = config.adapter.alpha / config.adapter.rank ** 0.5
         with torch.no_grad():
             for name, module in model.named_modules():
@@ -265,6 +263,38 @@ def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Run:
+    """What every step of a run uses: its settings and folder, the tokenizer, the processes, the continual-learning
+    methods and the shared store (None outside studies)."""
+
+    config: RunConfig
+    dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    accelerator: Accelerator
+    methods: list[ContinualMethod]
+    shared: SharedWork | None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.accelerator.process_index, self.accelerator.num_processes
+
+
+@dataclass(frozen=True)
+class _Init:
+    """Step 2's outcome: the init's record, the adapter's initial factors, the stage's keys before and after it, and
+    a finished stage with the same key in the shared store (None: train here)."""
+
+    report: InitReport
+    factors: dict[str, torch.Tensor]
+    keys: dict[str, str | None]
+    source: Path | None
+
 
 def run(
     config: RunConfig,
@@ -280,13 +310,45 @@ def run(
     model's general-ability scores computed elsewhere (e.g. by `compare`, once for every method). `on_stage(t,
     model)` is called with the merged model after each stage (e.g. to inspect or save it). `shared` (a study's
     store) lets stages and scores that another run already computed with the same key be copied, not recomputed."""
-    run_dir = Path(run_dir)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    ctx, tasks, model = _prepare(config, Path(run_dir), resume, accelerator, shared)
+    key = model_key(config.model, model)
+    general = _general(ctx, model, "base", base_general, key)
+    for stage in _stages(tasks, config):
+        folder = stage_dir(ctx.dir, stage.number)
+        trained = (folder / TRAIN_FILE).is_file()
+        if trained:  # resumed: the stage's weight change and the methods' state after it, from its files
+            model, key = _resume_stage(ctx, model, folder)
+        if (folder / SCORES_FILE).is_file():
+            continue
+        timing = json.loads((folder / TIMING_FILE).read_text()) if (folder / TIMING_FILE).is_file() else {}
+        if not trained:
+            start = time.perf_counter()
+            adapter = _fresh_adapter(model, config)                                             # 1.
+            init = _initialise(ctx, adapter, stage, key)                                        # 2.
+            timing = {"init": time.perf_counter() - start,
+                      "gradient_sets_from_cache": init.report.gradient_sets_from_cache,
+                      "shared": init.source is not None}
+            curve, timing["train"] = _train(ctx, adapter, stage, init.source)                   # 3.
+            _save_trained(ctx, folder, stage, adapter, init, timing)
+            model, key = _merge(ctx, adapter, stage, folder, curve), init.keys["after"]         # 4.
+        if on_stage is not None:
+            on_stage(stage.number, model)
+        _evaluate(ctx, model, stage, folder, key, timing)                                       # 5.
+    _general(ctx, model, "final", general, key)
+    if ctx.main:
+        write_run_summary(ctx.dir)
+    accelerator.wait_for_everyone()
+    return ctx.dir
+
+
+def _prepare(config: RunConfig, run_dir: Path, resume: bool, accelerator: Accelerator,
+             shared: SharedWork | None) -> tuple[_Run, list[Task], torch.nn.Module]:
+    """Check the folder, load the tasks and the model and check the settings and the methods against them; only
+    then record the run's config and tasks. Returns the run's context, its tasks and the base model."""
     main = accelerator.is_main_process
-    shard = (accelerator.process_index, accelerator.num_processes)
     previous = _check_run_dir(run_dir, config, resume) if main else None
     accelerator.wait_for_everyone()
-
     sequence = load_sequence(config.sequence)
     data_dirs = search_dirs(config.data_dirs, config.data_only)
     tasks = [load_task(ref, data_dirs, heldout_size=config.eval.heldout_size, seed=config.seed,
@@ -294,7 +356,7 @@ def run(
     for task in tasks if main else []:
         if len(task.heldout) < config.eval.examples:
             warnings.warn(f"task {task.name} holds out {len(task.heldout)} examples, fewer than eval.examples="
-                          f"{config.eval.examples}: all {len(task.heldout)} are scored.", stacklevel=2)
+                          f"{config.eval.examples}: all {len(task.heldout)} are scored.", stacklevel=3)
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model, tokenizer = load_model(config.model, dtype=dtype, device=accelerator.device)
     check_against_model(config, model)
@@ -303,118 +365,125 @@ def run(
         method.check(model)
     if main:  # nothing is written before the settings, the data and the model have passed their checks
         _write_run_dir(run_dir, config, previous, tasks)
-    key = model_key(config.model, model)
-    general = _general(run_dir, config, model, tokenizer, "base", base_general, accelerator, shared, key)
+    return _Run(config, run_dir, tokenizer, accelerator, methods, shared), tasks, model
 
+
+def _stages(tasks: list[Task], config: RunConfig) -> list[Stage]:
+    """The run's stages, each with the tasks it learns and those learned before it."""
     groups = stage_groups(tasks, config)
-    for t, learn in enumerate(groups, start=1):
-        folder, seen = stage_dir(run_dir, t), [task for group in groups[:t] for task in group]
-        trained = (folder / "train.json").is_file()
-        if trained:  # finished or trained earlier: replay its weight change, restore the CL methods' state
-            model = rebuild_stage(model, folder, config)
-            key = _read_key(folder)
-            _load_cl_state(methods, folder)
-        if (folder / "scores.json").is_file():
-            continue
-        timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").is_file() else {}
-        if not trained:
-            stage = Stage(t, learn, seen[:len(seen) - len(learn)])
-            model, key, timing = _learn(model, tokenizer, stage, config, key, folder, accelerator, shared, methods)
-        if on_stage is not None:
-            on_stage(t, model)
-        # 5. evaluate every task seen so far (or copy the scores of the same stage computed elsewhere)
-        source = shared.find_stage(key) if shared is not None and key else None
-        start = time.perf_counter()
-        if source is None:
-            generations, scores = _evaluate(model, tokenizer, seen, config, shard)
-            broken = [name for name, loss in scores["losses"].items() if not math.isfinite(loss)]
-            if broken:
-                raise divergence(f"stage {t}: training diverged: the model it left gives non-finite losses on the "
-                                 f"held-out examples of {', '.join(broken)}.", config.train)
-        _fault_point(t, "eval")
-        if main:
-            if source is None:
-                write_text(folder / "generations.jsonl",
-                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generations))
-                write_json(folder / "scores.json", {"stage": t, "task": _label(learn), **scores})
-            else:
-                for name in ("generations.jsonl", "scores.json"):
-                    write_with(folder / name, lambda p, name=name: shutil.copyfile(source / name, p))
-            write_json(folder / "timing.json", {**timing, "eval": time.perf_counter() - start})
-            if shared is not None and source is None:
-                shared.publish_stage(key, folder)
-            write_run_summary(run_dir)
-        accelerator.wait_for_everyone()
-
-    _general(run_dir, config, model, tokenizer, "final", general, accelerator, shared, key)
-    if main:
-        write_run_summary(run_dir)
-    accelerator.wait_for_everyone()
-    return run_dir
+    return [Stage(t, learn, [task for group in groups[:t - 1] for task in group])
+            for t, learn in enumerate(groups, start=1)]
 
 
-def _learn(model, tokenizer, stage: Stage, config: RunConfig, key: str | None, folder: Path,
-           accelerator: Accelerator, shared: SharedWork | None,
-           methods: list[ContinualMethod]) -> tuple[torch.nn.Module, str, dict]:
-    """Steps 1-4 of a stage: a fresh adapter, its init, training with the continual-learning methods' hooks (or the
-    adapter trained from this very state found in `shared`), the stage's files, the merge. Returns the merged model,
-    the stage's key and the step times."""
-    t, learn, past, main = stage.number, stage.learn, stage.past, accelerator.is_main_process
-    seen = past + learn
-    shard = (accelerator.process_index, accelerator.num_processes)
-    start = time.perf_counter()
-    # 1. a fresh adapter on the current merged model
+def _resume_stage(ctx: _Run, model: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, str | None]:
+    """A stage trained earlier: its weight change replayed on `model`, its key, and the methods' state after it."""
+    model = rebuild_stage(model, folder, ctx.config)
+    key = _read_key(folder)
+    _load_cl_state(ctx.methods, folder)
+    return model, key
+
+
+def _fresh_adapter(model: torch.nn.Module, config: RunConfig) -> PeftModel:
+    """1. A fresh LoRA adapter on the current merged model."""
     with peft_wrapping():
-        peft_model = get_peft_model(model, lora_config(config))
-    # 2. initialise it
-    current, replay = init_batches(learn, past, config, tokenizer, t)
-    subspaces = {name: u for method in methods for name, u in method.input_subspaces(stage).items()}
-    report = init_adapter(peft_model, config.init.method, init_config(config, t, shared),
-                          current=current[shard[0]::shard[1]], replay=replay[shard[0]::shard[1]] or None,
+        return get_peft_model(model, lora_config(config))
+
+
+def _initialise(ctx: _Run, model: PeftModel, stage: Stage, key: str | None) -> _Init:
+    """2. Initialise the adapter with this process's share of the init's batches (the methods name the input
+    directions it must not read), then look up the stage's key in the shared store."""
+    config, (rank, world) = ctx.config, ctx.shard
+    current, replay = init_batches(stage.learn, stage.past, config, ctx.tokenizer, stage.number)
+    subspaces = {name: u for method in ctx.methods for name, u in method.input_subspaces(stage).items()}
+    report = init_adapter(model, config.init.method, init_config(config, stage.number, ctx.shared),
+                          current=current[rank::world], replay=replay[rank::world] or None,
                           input_subspaces=subspaces or None)
-    factors = initial_factors(peft_model)
-    keys = {"before": key, "after": key and stage_key(key, stage_settings(config), seen, t, factors,
-                                                      report.absorbs)}
-    source = shared.find_stage(keys["after"]) if shared is not None and key else None
-    _fault_point(t, "init")
-    timing = {"init": time.perf_counter() - start, "gradient_sets_from_cache": report.gradient_sets_from_cache,
-              "shared": source is not None}
+    factors = initial_factors(model)
+    after = key and stage_key(key, stage_settings(config), stage.past + stage.learn, stage.number, factors,
+                              report.absorbs)
+    source = ctx.shared.find_stage(after) if ctx.shared is not None and key else None
+    _fault_point(stage.number, "init")
+    return _Init(report, factors, {"before": key, "after": after}, source)
+
+
+def _train(ctx: _Run, model: PeftModel, stage: Stage, source: Path | None) -> tuple[dict, float]:
+    """3. Train only the adapter, with the methods' examples and loss terms (or take the adapter trained from this
+    very state in `source`); the methods then see the trained factors. Returns the loss curve and the seconds."""
     start = time.perf_counter()
-    # 3. train only the adapter (or take the adapter trained from this very state elsewhere)
     if source is None:
-        curve = train_adapter(peft_model, tokenizer, training_examples(stage, config, methods), config.train,
-                              accelerator, seed=config.seed + 1000 * t, desc=f"stage {t} train",
-                              penalty=_summed_penalty(methods, peft_model) if methods else None)
-        timing["train"] = curve.pop("seconds")
+        config, methods, t = ctx.config, ctx.methods, stage.number
+        curve = train_adapter(model, ctx.tokenizer, training_examples(stage, config, methods), config.train,
+                              ctx.accelerator, seed=config.seed + 1000 * t, desc=f"stage {t} train",
+                              penalty=_summed_penalty(methods, model) if methods else None)
+        seconds = curve.pop("seconds")
     else:
-        set_peft_model_state_dict(peft_model, load_file(str(source / "adapter" / "adapter_model.safetensors")))
-        curve = json.loads((source / "train.json").read_text())
-        timing["train"] = time.perf_counter() - start
-    for method in methods:
-        method.after_stage(stage, trained_factors(peft_model))
-    _fault_point(t, "train")
-    if main:
-        write_with(folder / "init_factors.safetensors", lambda p: save_file(factors, str(p)))
-        record = {k: v for k, v in report.to_dict().items() if k not in RUN_DEPENDENT}
-        write_json(folder / "init.json", {**record, "stage": t, "task": _label(learn), "tau": config.init.gate})
-        write_json(folder / KEY_FILE, keys)
+        set_peft_model_state_dict(model, load_file(str(source / ADAPTER_DIR / ADAPTER_WEIGHTS)))
+        curve = json.loads((source / TRAIN_FILE).read_text())
+        seconds = time.perf_counter() - start
+    for method in ctx.methods:
+        method.after_stage(stage, trained_factors(model))
+    _fault_point(stage.number, "train")
+    return curve, seconds
+
+
+def _save_trained(ctx: _Run, folder: Path, stage: Stage, model: PeftModel, init: _Init, timing: dict) -> None:
+    """The stage's files once trained, but for the methods' state and train.json (after the merge)."""
+    if not ctx.main:
+        return
+    write_with(folder / FACTORS_FILE, lambda p: save_file(init.factors, str(p)))
+    record = {k: v for k, v in init.report.to_dict().items() if k not in RUN_DEPENDENT}
+    write_json(folder / INIT_FILE, {**record, "stage": stage.number, "task": _label(stage.learn),
+                                    "tau": ctx.config.init.gate})
+    write_json(folder / KEY_FILE, init.keys)
+    if init.source is None:
+        _save_adapter(folder / ADAPTER_DIR, model)
+    else:
+        copy_tree(init.source / ADAPTER_DIR, folder / ADAPTER_DIR)
+    write_json(folder / TIMING_FILE, timing)
+
+
+def _merge(ctx: _Run, model: PeftModel, stage: Stage, folder: Path, curve: dict) -> torch.nn.Module:
+    """4. Merge the adapter into the weights; the methods take their last step on the merged model. Their state,
+    then train.json (its presence marks the stage trained), complete the stage's training files."""
+    merged = model.merge_and_unload()
+    for method in ctx.methods:
+        method.after_merge(stage, merged, ctx.tokenizer)
+    if ctx.main:
+        if ctx.methods:
+            state = {f"{m.name}/{k}": v for m in ctx.methods for k, v in m.state_dict().items()}
+            write_with(folder / CL_STATE_FILE,
+                       lambda p: save_file(state, str(p), metadata={"methods": _names(ctx.methods)}))
+        write_json(folder / TRAIN_FILE, curve)
+    ctx.accelerator.wait_for_everyone()
+    return merged
+
+
+def _evaluate(ctx: _Run, model: torch.nn.Module, stage: Stage, folder: Path, key: str | None, timing: dict) -> None:
+    """5. Evaluate every task seen so far (or copy the results of the stage with the same key computed elsewhere):
+    the generations, the stage's row of R and R_loss (scores.json: its presence marks the stage finished), the step
+    times and the run's summary."""
+    source = ctx.shared.find_stage(key) if ctx.shared is not None and key else None
+    start = time.perf_counter()
+    if source is None:
+        generations, scores = _score_seen(model, ctx.tokenizer, stage.past + stage.learn, ctx.config, ctx.shard)
+        broken = [name for name, loss in scores["losses"].items() if not math.isfinite(loss)]
+        if broken:
+            raise divergence(f"stage {stage.number}: training diverged: the model it left gives non-finite losses on "
+                             f"the held-out examples of {', '.join(broken)}.", ctx.config.train)
+    _fault_point(stage.number, "eval")
+    if ctx.main:
         if source is None:
-            _save_adapter(folder / "adapter", peft_model)
+            write_text(folder / GENERATIONS_FILE,
+                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generations))
+            write_json(folder / SCORES_FILE, {"stage": stage.number, "task": _label(stage.learn), **scores})
         else:
-            copy_tree(source / "adapter", folder / "adapter")
-        write_json(folder / "timing.json", timing)
-    # 4. merge, then the methods' last step on the merged model; their state and train.json (last: its presence
-    # marks the stage as trained) complete the stage
-    merged = peft_model.merge_and_unload()
-    for method in methods:
-        method.after_merge(stage, merged, tokenizer)
-    if main:
-        if methods:
-            state = {f"{m.name}/{k}": v for m in methods for k, v in m.state_dict().items()}
-            write_with(folder / CL_STATE, lambda p: save_file(state, str(p), metadata={"methods": _names(methods)}))
-        write_json(folder / "train.json", curve)
-    accelerator.wait_for_everyone()
-    return merged, keys["after"], timing
+            for name in (GENERATIONS_FILE, SCORES_FILE):
+                write_with(folder / name, lambda p, name=name: shutil.copyfile(source / name, p))
+        write_json(folder / TIMING_FILE, {**timing, "eval": time.perf_counter() - start})
+        if ctx.shared is not None and source is None:
+            ctx.shared.publish_stage(key, folder)
+        write_run_summary(ctx.dir)
+    ctx.accelerator.wait_for_everyone()
 
 
 def _summed_penalty(methods: list[ContinualMethod], model: PeftModel) -> Callable[[], torch.Tensor | None]:
@@ -439,7 +508,7 @@ def _load_cl_state(methods: list[ContinualMethod], folder: Path) -> None:
     """Restore the methods' state as it was after a finished stage (nothing to do without methods)."""
     if not methods:
         return
-    path = folder / CL_STATE
+    path = folder / CL_STATE_FILE
     if not path.is_file():
         raise RunStateError(f"{path} is missing: this stage was trained without the continual-learning methods "
                             f"{_names(methods)}; resume with the settings it was run with, or start a new run.")
@@ -449,7 +518,7 @@ def _load_cl_state(methods: list[ContinualMethod], folder: Path) -> None:
         method.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-def _evaluate(model, tokenizer, seen: list[Task], config: RunConfig, shard: tuple[int, int]) -> tuple[list, dict]:
+def _score_seen(model, tokenizer, seen: list[Task], config: RunConfig, shard: tuple[int, int]) -> tuple[list, dict]:
     """Every seen task's scored examples: greedy generations with their scores, and the reference answer's per-token
     NLL under teacher forcing (the continuous companion of the score, computed from generation's own prompt pass).
     Returns the records and scores.json's fields."""
@@ -482,11 +551,11 @@ def stage_settings(config: RunConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in ("init", "general", "sequence")}
 
 
-def _general(run_dir: Path, config: RunConfig, model, tokenizer, which: str, known: dict | None, accelerator,
-             shared: SharedWork | None, key: str | None) -> dict:
+def _general(ctx: _Run, model: torch.nn.Module, which: str, known: dict | None, key: str | None) -> dict:
     """GP/IP scores of the base model ("base") or after the last stage ("final"), kept in general.json; taken from
     `known` (base only) or from `shared` when the same model was scored there with the same settings."""
-    path = run_dir / "general.json"
+    config, shared = ctx.config, ctx.shared
+    path = ctx.dir / GENERAL_FILE
     general = json.loads(path.read_text()) if path.is_file() else {}
     if which == "base" and known and "base" in known:
         general["base"] = known["base"]
@@ -496,15 +565,15 @@ def _general(run_dir: Path, config: RunConfig, model, tokenizer, which: str, kno
     if found:
         general[which] = found
     if not config.general.enabled or which in general:
-        if accelerator.is_main_process and general:
+        if ctx.main and general:
             write_json(path, general)
         return general
-    if accelerator.is_main_process:
-        general[which] = general_scores(model, tokenizer, GeneralConfig(
+    if ctx.main:
+        general[which] = general_scores(model, ctx.tokenizer, GeneralConfig(
             limit=g.limit, shots=g.shots, seed=config.seed, batch_size=g.batch_size, max_length=g.max_length,
             benchmarks=tuple(g.benchmarks)))
         write_json(path, general)
         if share_key:
             shared.publish_general(share_key, general[which])
-    accelerator.wait_for_everyone()
+    ctx.accelerator.wait_for_everyone()
     return general

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from slicelora import io
 from slicelora.errors import ConfigError
-from slicelora.report.runs import Run, find_run_dirs, read_run
+from slicelora.loop.runfolder import Run, find_run_dirs, read_run
 from slicelora.report.tables import run_labels, write_tables
 
 SCORE_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")  # grey: task not learned yet

@@ -7,7 +7,7 @@ regularised incomplete beta function.
 The CL metrics are recomputed in the bootstrap from four summaries of the resampled score (or loss) matrix, named
 here by what they measure so that one routine serves scores and losses alike:
   learned = mean_j M[j,j]; final = mean_j M[N,j]; drop = learned - final; change = mean_{j<N} (M[N,j] - M[j,j]).
-SCORE_METRICS and LOSS_METRICS map the metric names of `report.metrics` onto them.
+SCORE_METRICS and LOSS_METRICS map the metric names of `eval.metrics` onto them.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ import numpy as np
 
 from slicelora import io
 from slicelora.errors import DataError
+from slicelora.loop.runfolder import (Examples, Run, finished_stages, general_summary, is_run_folder, read_examples,
+                                      read_json, read_run)
 from slicelora.report.plots import (SCORE_CMAP, as_number, curve_axis, curve_legend, gate_tau, new_figure, save_png,
                                     series_style, short_name)
-from slicelora.report.runs import Examples, Run, general_summary, read_examples, read_json, read_run
 from slicelora.report.stats import (LOSS_METRICS, SCORE_METRICS, Difference, bootstrap_paired, difference,
                                     paired_differences, t_summary)
 
@@ -135,12 +136,12 @@ def _read_cell(study_dir: Path, entry: Any, where: str) -> CellResult:
         raise DataError(f"{where} field seed: expected an integer, got {seed!r}")
     path = study_dir / str(entry["dir"])
     cell = CellResult(str(entry["sequence"]), str(entry["variant"]), seed, path, None, "missing")
-    if not (path / "config.json").is_file():
-        return cell
-    if not any((path / "stages").glob("*/scores.json")) and not (path / "R.csv").is_file():
-        cell.status = "not started"
+    if not is_run_folder(path):
         return cell
     try:
+        if not finished_stages(path):
+            cell.status = "not started"
+            return cell
         cell.run = read_run(path)
     except DataError as e:
         cell.status = f"unreadable: {e}"

@@ -11,8 +11,8 @@ import numpy as np
 import rich.table
 
 from slicelora import io
-from slicelora.report.metrics import LOSS_METRIC_NAMES, METRIC_NAMES
-from slicelora.report.runs import Run, general_summary
+from slicelora.eval.metrics import LOSS_METRIC_NAMES, METRIC_NAMES
+from slicelora.loop.runfolder import Run, general_summary
 
 Cell = str | float | None
 

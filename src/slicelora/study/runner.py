@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from ..data.sequences import load_sequence
 from ..errors import RunStateError
 from ..io import write_json
+from ..loop.runfolder import GENERAL_FILE, stage_finished
 from ..loop.sharing import SharedWork
-from ..loop.stages import check_collection_dir, run, stage_dir
+from ..loop.stages import check_collection_dir, run
 from .spec import Cell, Study, differing_keys, parse_study
 
 STUDY_FILE = "study.json"
@@ -67,9 +68,9 @@ def cell_done(study: Study, out: Path, cell: Cell) -> bool:
     folder = out / cell.dir
     config = study.config(cell)
     stages = 1 if config.train.multitask else len(load_sequence(config.sequence).tasks)
-    if not (stage_dir(folder, stages) / "scores.json").is_file():
+    if not stage_finished(folder, stages):
         return False
-    general = folder / "general.json"
+    general = folder / GENERAL_FILE
     return not config.general.enabled or (general.is_file() and "final" in json.loads(general.read_text()))
 
 

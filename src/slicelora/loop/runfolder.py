@@ -1,9 +1,23 @@
-"""Reading run folders (layout in the architecture brief) and writing their summary files (R.csv, R_loss.csv,
-metrics.json).
+"""The run folder: its layout, written by the stage loop and read by the report, the study and export.
 
-The score and loss matrices are rebuilt from `stages/*/scores.json`, the record the stage loop writes per stage, so
-the metrics of a run can be recomputed even when R.csv is missing or stale. Per-example scores and answer NLLs come
-from `stages/*/generations.jsonl` (for resampling the evaluation examples).
+    RUN/config.json                 the run's settings (RunConfig.to_dict)
+    RUN/tasks.json                  the task names of the sequence, in order
+    RUN/general.json                GP/IP scores: {"base"|"final": {"GP"|"IP": {benchmark: score}}}
+    RUN/R.csv, R_loss.csv           the summary, rewritten from the stage folders after every stage: the score and
+    RUN/metrics.json                answer-NLL matrices, the CL and loss metrics, GP/IP
+    RUN/stages/NN/                  stage NN (01, 02, ...), its files in the order they are written:
+        init.json                   the init's record (method, cosines, decisions)
+        init_factors.safetensors    the adapter's initial A and B per layer ("<layer>.A", "<layer>.B")
+        key.json                    the stage's sharing key before and after it (sharing.py)
+        adapter/                    the trained adapter (PEFT format)
+        timing.json                 wall seconds of each step (the only file that differs between two runs)
+        cl_state.safetensors        the continual-learning methods' state (only when methods are active)
+        train.json                  the loss curve; its presence marks the stage trained
+        generations.jsonl           every scored example: prediction, references, score, answer NLL
+        scores.json                 scores, answer NLLs and cut prompts per seen task; marks the stage finished
+
+Reading recomputes everything from `stages/*/scores.json`, so a run's metrics never depend on a stale summary.
+Stages written before answer NLLs were recorded give no loss matrix.
 """
 
 from __future__ import annotations
@@ -18,10 +32,53 @@ from typing import Any
 
 import numpy as np
 
-from slicelora import io
-from slicelora.errors import DataError
-from slicelora.report.metrics import cl_metrics, loss_metrics
+from .. import io
+from ..errors import DataError
+from ..eval.metrics import cl_metrics, loss_metrics
 
+CONFIG_FILE = "config.json"
+TASKS_FILE = "tasks.json"
+GENERAL_FILE = "general.json"
+R_FILE = "R.csv"
+R_LOSS_FILE = "R_loss.csv"
+METRICS_FILE = "metrics.json"
+STAGES_DIR = "stages"
+INIT_FILE = "init.json"
+FACTORS_FILE = "init_factors.safetensors"
+KEY_FILE = "key.json"
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for the weights inside adapter/
+TIMING_FILE = "timing.json"
+CL_STATE_FILE = "cl_state.safetensors"
+TRAIN_FILE = "train.json"
+GENERATIONS_FILE = "generations.jsonl"
+SCORES_FILE = "scores.json"
+
+
+def stage_dir(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / STAGES_DIR / f"{stage:02d}"
+
+
+def is_run_folder(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def stage_finished(run_dir: Path, stage: int) -> bool:
+    return (stage_dir(run_dir, stage) / SCORES_FILE).is_file()
+
+
+def finished_stages(run_dir: Path) -> list[Path]:
+    """Stage folders that hold scores.json, in stage order; they must be stages 1..t without gaps."""
+    stages = sorted((int(p.name), p) for p in (Path(run_dir) / STAGES_DIR).glob("*")
+                    if p.is_dir() and p.name.isdigit() and (p / SCORES_FILE).exists())
+    for expected, (number, p) in enumerate(stages, start=1):
+        if number != expected:
+            raise DataError(f"{p}: stage {number} has scores but stage {expected} has none; "
+                            "finished stages must be 1..t without gaps")
+    return [p for _, p in stages]
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Run:
@@ -83,39 +140,20 @@ def read_json(path: Path) -> Any:
 
 
 def _method_name(config: dict[str, Any], path: Path) -> str:
-    method = config.get("method") or (config.get("init") or {}).get("method")  # RunConfig keeps it in init
-    if isinstance(method, dict):
-        method = method.get("name")
+    method = (config.get("init") or {}).get("method")
     if not isinstance(method, str) or not method:
-        raise DataError(f"{path}: field 'method' must be a method name (or an object with a 'name'), "
-                        f"got {config.get('method')!r}")
+        raise DataError(f"{path}: field 'init.method' must be a method name, got {method!r}")
     return method
 
 
-def _task_names(run_dir: Path, config: dict[str, Any]) -> list[str]:
-    tasks_file = run_dir / "tasks.json"
-    if tasks_file.exists():
-        tasks, where = read_json(tasks_file), str(tasks_file)
-    else:
-        sequence = config.get("sequence")
-        tasks = sequence.get("tasks") if isinstance(sequence, dict) else None
-        where = f"{run_dir / 'config.json'} field sequence.tasks"
+def _task_names(run_dir: Path) -> list[str]:
+    path = run_dir / TASKS_FILE
+    tasks = read_json(path)
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise DataError(f"{where}: expected a non-empty list of task names, got {tasks!r}")
+        raise DataError(f"{path}: expected a non-empty list of task names, got {tasks!r}")
     if len(set(tasks)) != len(tasks):
-        raise DataError(f"{where}: task names repeat ({tasks}); each task may appear once in a sequence")
+        raise DataError(f"{path}: task names repeat ({tasks}); each task may appear once in a sequence")
     return tasks
-
-
-def _stage_dirs(run_dir: Path) -> list[Path]:
-    """Stage folders that hold scores.json, in stage order; they must be stages 1..t without gaps."""
-    stages = sorted((int(p.name), p) for p in (run_dir / "stages").glob("*")
-                    if p.is_dir() and p.name.isdigit() and (p / "scores.json").exists())
-    for expected, (number, p) in enumerate(stages, start=1):
-        if number != expected:
-            raise DataError(f"{p}: stage {number} has scores but stage {expected} has none; "
-                            "finished stages must be 1..t without gaps")
-    return [p for _, p in stages]
 
 
 def _score(value: Any, where: str) -> float:
@@ -133,17 +171,16 @@ def _loss(value: Any, where: str) -> float:
     return float(value)
 
 
-def score_and_loss_matrices(run_dir: Path, tasks: list[str], multitask: bool = False
-                            ) -> tuple[np.ndarray, np.ndarray | None]:
+def _matrices(run_dir: Path, tasks: list[str], multitask: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """(R, R_loss) from stages/*/scores.json: row i = stage i + 1, column j = tasks[j], NaN where j > i (a
     multi-task run: one row, every task). R_loss is None unless every finished stage records "losses"."""
-    stage_dirs = _stage_dirs(run_dir)
+    stage_dirs = finished_stages(run_dir)
     if len(stage_dirs) > len(tasks):
-        raise DataError(f"{run_dir / 'stages'}: {len(stage_dirs)} finished stages but only {len(tasks)} tasks")
+        raise DataError(f"{run_dir / STAGES_DIR}: {len(stage_dirs)} finished stages but only {len(tasks)} tasks")
     R = np.full((len(stage_dirs), len(tasks)), np.nan)
     L: np.ndarray | None = np.full_like(R, np.nan)
-    for i, stage_dir in enumerate(stage_dirs):
-        path = stage_dir / "scores.json"
+    for i, folder in enumerate(stage_dirs):
+        path = folder / SCORES_FILE
         record = read_json(path)
         scores = record.get("scores") if isinstance(record, dict) else None
         if not isinstance(scores, dict):
@@ -163,38 +200,9 @@ def score_and_loss_matrices(run_dir: Path, tasks: list[str], multitask: bool = F
     return R, (L if stage_dirs else None)
 
 
-def scores_matrix(run_dir: Path, tasks: list[str]) -> np.ndarray:
-    """R from stages/*/scores.json: row i = stage i + 1, column j = tasks[j], NaN where j > i."""
-    return score_and_loss_matrices(run_dir, tasks)[0]
-
-
-def write_r_csv(path: Path, R: np.ndarray, tasks: list[str]) -> None:
-    """R.csv (or R_loss.csv): a header `stage,<task>...`, then one row per stage, empty cells where the task is not
-    learned yet (or its value is not measured)."""
-    buf = _io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["stage", *tasks])
-    for i, row in enumerate(R, start=1):
-        writer.writerow([i, *("" if math.isnan(v) else repr(float(v)) for v in row)])
-    io.write_text(path, buf.getvalue())
-
-
-def read_r_csv(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Read an R.csv (or R_loss.csv) written by write_r_csv back into (R, tasks)."""
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
-        tasks = rows[0][1:]
-        R = np.array([[float(v) if v.strip() else np.nan for v in row[1:]] for row in rows[1:]], dtype=float)
-    except (OSError, IndexError, ValueError) as e:
-        raise DataError(f"{path}: not a score matrix written by slicelora ({e}); delete it and rerun the summary")
-    if not tasks or R.shape != (len(rows) - 1, len(tasks)):
-        raise DataError(f"{path}: expected a header and rows with one cell per task in the header {tasks}")
-    return R, tasks
-
-
 def _general(run_dir: Path) -> dict[str, Any] | None:
     """general.json, checked to be {"base"|"final": {"GP"|"IP": {benchmark: score}}}."""
-    path = run_dir / "general.json"
+    path = run_dir / GENERAL_FILE
     if not path.exists():
         return None
     general = read_json(path)
@@ -212,41 +220,28 @@ def _general(run_dir: Path) -> dict[str, Any] | None:
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """Read a run folder. R and R_loss come from stages/*/scores.json, or from R.csv and R_loss.csv when no stage
-    has scores."""
+    """Read a run folder: its settings, tasks, R and R_loss from stages/*/scores.json, the init and timing records
+    and the GP/IP scores."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise DataError(f"{run_dir} is not a run folder: it has no config.json "
+        raise DataError(f"{run_dir} is not a run folder: it has no {CONFIG_FILE} "
                         "(give the folder that `slicelora run` created, with config.json and stages/)")
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise DataError(f"{config_path}: expected a JSON object")
     method = _method_name(config, config_path)
-    tasks = _task_names(run_dir, config)
-    R, R_loss = score_and_loss_matrices(run_dir, tasks, bool((config.get("train") or {}).get("multitask")))
-    if R.shape[0] == 0 and (run_dir / "R.csv").exists():
-        R = _matrix_csv(run_dir / "R.csv", tasks)
-        if (run_dir / "R_loss.csv").exists():
-            R_loss = _matrix_csv(run_dir / "R_loss.csv", tasks)
-            if R_loss.shape != R.shape:
-                raise DataError(f"{run_dir / 'R_loss.csv'}: {R_loss.shape[0]} stages, R.csv has {R.shape[0]}")
+    tasks = _task_names(run_dir)
+    R, R_loss = _matrices(run_dir, tasks, bool((config.get("train") or {}).get("multitask")))
     if R.shape[0] == 0:
         raise DataError(f"{run_dir}: no finished stage (no stages/NN/scores.json); nothing to report yet")
     init, timing = [], []
     for stage in range(1, R.shape[0] + 1):
-        folder = run_dir / "stages" / f"{stage:02d}"
-        init.append(read_json(folder / "init.json") if (folder / "init.json").exists() else None)
-        timing.append(read_json(folder / "timing.json") if (folder / "timing.json").exists() else None)
+        folder = stage_dir(run_dir, stage)
+        init.append(read_json(folder / INIT_FILE) if (folder / INIT_FILE).exists() else None)
+        timing.append(read_json(folder / TIMING_FILE) if (folder / TIMING_FILE).exists() else None)
     return Run(path=run_dir, method=method, config=config, tasks=tasks, R=R, init=init, general=_general(run_dir),
                R_loss=R_loss, timing=timing)
-
-
-def _matrix_csv(path: Path, tasks: list[str]) -> np.ndarray:
-    M, csv_tasks = read_r_csv(path)
-    if csv_tasks != tasks:
-        raise DataError(f"{path}: its tasks {csv_tasks} differ from the run's tasks {tasks}")
-    return M
 
 
 @dataclass
@@ -263,8 +258,8 @@ def read_examples(run_dir: str | Path, stages: int | None = None) -> dict[tuple[
     """Per-example results from stages/NN/generations.jsonl, keyed by (stage, task) with stages 1-based; stages
     without the file are absent. `stages` limits the reading to stages 1..stages."""
     out: dict[tuple[int, str], Examples] = {}
-    for stage_dir in _stage_dirs(Path(run_dir))[:stages]:
-        path = stage_dir / "generations.jsonl"
+    for folder in finished_stages(Path(run_dir))[:stages]:
+        path = folder / GENERATIONS_FILE
         if not path.is_file():
             continue
         rows: dict[str, list[tuple[int, float, float]]] = {}
@@ -290,8 +285,8 @@ def read_examples(run_dir: str | Path, stages: int | None = None) -> dict[tuple[
             index = np.array([i for i, _, _ in items], dtype=np.int64)
             if len(np.unique(index)) != len(index):
                 raise DataError(f"{path}: task {task!r} has an example index more than once")
-            out[(int(stage_dir.name), task)] = Examples(index, np.array([v for _, v, _ in items]),
-                                                        np.array([v for _, _, v in items]))
+            out[(int(folder.name), task)] = Examples(index, np.array([v for _, v, _ in items]),
+                                                     np.array([v for _, _, v in items]))
     return out
 
 
@@ -299,13 +294,15 @@ def find_run_dirs(folder: str | Path) -> list[Path]:
     """[folder] if it is a run folder, else its immediate subfolders that are run folders (a comparison folder
     COMPARE/<method>/...), sorted by name."""
     folder = Path(folder)
-    if (folder / "config.json").is_file():
+    if is_run_folder(folder):
         return [folder]
-    runs = sorted(p for p in folder.glob("*") if (p / "config.json").is_file()) if folder.is_dir() else []
+    runs = sorted(p for p in folder.glob("*") if is_run_folder(p)) if folder.is_dir() else []
     if not runs:
         raise DataError(f"{folder} is neither a run folder (with config.json) nor a folder of run folders")
     return runs
 
+
+# --- the summary ---------------------------------------------------------------------------------------------------
 
 def general_summary(general: dict[str, Any] | None) -> dict[str, float]:
     """Flat GP/IP numbers: "<kind>_<when>" = mean over benchmarks and "<kind>_<when>[<bench>]" per benchmark,
@@ -329,13 +326,24 @@ def run_summary(run: Run) -> dict[str, Any]:
             **run.loss_metrics(), **general_summary(run.general)}
 
 
+def write_r_csv(path: Path, R: np.ndarray, tasks: list[str]) -> None:
+    """R.csv (or R_loss.csv): a header `stage,<task>...`, then one row per stage, empty cells where the task is not
+    learned yet (or its value is not measured)."""
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["stage", *tasks])
+    for i, row in enumerate(R, start=1):
+        writer.writerow([i, *("" if math.isnan(v) else repr(float(v)) for v in row)])
+    io.write_text(path, buf.getvalue())
+
+
 def write_run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """Recompute R (and R_loss) and the metrics of a run folder and write RUN/R.csv, RUN/R_loss.csv (when the
-    stages record losses) and RUN/metrics.json (atomically)."""
+    """Recompute R (and R_loss) and the metrics of a run folder from its stage folders and write R.csv, R_loss.csv
+    (when the stages record losses) and metrics.json (atomically)."""
     run = read_run(run_dir)
     summary = run_summary(run)
-    write_r_csv(run.path / "R.csv", run.R, run.tasks)
+    write_r_csv(run.path / R_FILE, run.R, run.tasks)
     if run.R_loss is not None:
-        write_r_csv(run.path / "R_loss.csv", run.R_loss, run.tasks)
-    io.write_json(run.path / "metrics.json", summary)
+        write_r_csv(run.path / R_LOSS_FILE, run.R_loss, run.tasks)
+    io.write_json(run.path / METRICS_FILE, summary)
     return summary

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slicelora.errors import DataError
+from ..errors import DataError
 
 METRIC_NAMES = ("AP", "FP", "Forget", "BWT", "BWT_trace", "max_forgetting")
 LOSS_METRIC_NAMES = ("loss_learned", "loss_final", "loss_increase")
