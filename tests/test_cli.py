@@ -134,7 +134,7 @@ def test_refused_resume_lists_the_changed_settings(tiny_folder, tmp_path):
 def test_tasks_with_a_missing_data_dir(tmp_path):
     code, out = invoke("tasks", "--data-dir", str(tmp_path / "missing"))
     assert code == 2 and f"{tmp_path / 'missing'} do not exist" in out, out
-    code, out = invoke("tasks", "--data-dir", str(tmp_path))
+    code, out = invoke("tasks", "--data-dir", str(tmp_path), "--data-only")  # an empty folder and nothing else
     assert code == 2 and "no tasks found" in out, out
 
 

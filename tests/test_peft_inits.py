@@ -4,21 +4,18 @@ runs and resumes with them."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
-from conftest import logits, wrap
+from conftest import RESUME_SCRIPT, SMALL, assert_same_run, crash_at, logits, wrap
 from slicelora.init import init_adapter
 from slicelora.init.gradients import canonical_name
 from slicelora.loop.config import load_config
 from slicelora.loop.stages import run
 from slicelora.models import LLAMA_TARGETS, tiny_llama, tiny_tokenizer
-from test_loop import SMALL, assert_same_run
 
 
 def lora_layers(model) -> dict:
@@ -75,11 +72,6 @@ def test_eva_equals_peft_and_keeps_the_function(batches):
 def test_peft_inits_run_three_stages_and_resume_after_a_crash(tiny_folder, tmp_path, method, step):
     settings = [f"model={tiny_folder}", *SMALL, f"init.method={method}"]
     reference = run(load_config(None, settings), tmp_path / "reference")
-    script = ("import sys; from slicelora.loop.config import load_config; from slicelora.loop.stages import run;"
-              "run(load_config(None, sys.argv[2:]), sys.argv[1], resume=True)")
-    env = {**os.environ, "SLICELORA_FAULT": step, "OMP_NUM_THREADS": "1"}
-    crashed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "resumed"), *settings], env=env,
-                             capture_output=True, timeout=600)
-    assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
+    crash_at(step, [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "resumed"), *settings])
     run(load_config(None, settings), tmp_path / "resumed", resume=True)
     assert_same_run(reference, tmp_path / "resumed")
