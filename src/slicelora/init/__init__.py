@@ -5,7 +5,7 @@ Methods are registered in `registry` (the built-in ones in `methods`); `init_ada
 """
 
 from . import methods as _builtin  # noqa: F401  (registers vanilla, lora_ga, loram, slice)
-from .adapter import LORA_GA_VARIANTS, InitConfig, InitReport, init_adapter
+from .adapter import LORA_GA_VARIANTS, InitConfig, InitReport, absorb_factors, adapter_factors, init_adapter
 from .decompose import absorb, dst_basis, lowrank_svd, product_variance, select_factors, variance_matched_scale
 from .gradients import accumulate_gradients, canonical_name, target_layers
 from .registry import Factors, InitMethod, LayerInput, get_init, init_names, register_init
@@ -13,7 +13,8 @@ from .surgery import SurgeryReport, project_conflicting
 
 __all__ = [
     "Factors", "InitConfig", "InitMethod", "InitReport", "LORA_GA_VARIANTS", "LayerInput", "SurgeryReport", "absorb",
-    "accumulate_gradients", "canonical_name", "dst_basis", "get_init", "init_adapter", "init_names",
+    "absorb_factors", "accumulate_gradients", "adapter_factors", "canonical_name", "dst_basis", "get_init",
+    "init_adapter", "init_names",
     "lowrank_svd", "product_variance", "project_conflicting", "register_init", "select_factors", "target_layers",
     "variance_matched_scale",
 ]

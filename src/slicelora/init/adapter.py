@@ -4,7 +4,10 @@
 
 Every layer's factors are computed before the model is touched, so a failed init (a rank too large, a degenerate
 gradient, ...) leaves the model as it was; the absorption then runs one layer at a time. Absorbing
-methods subtract s B A from the base weight, so the model's function is unchanged right after the init.
+methods subtract s B A from the base weight, so the model's function is unchanged right after the init; the saved
+adapter then fits that base, which `absorb_factors` rebuilds from the initial factors (`adapter_factors`).
+Target layers are nn.Linear or GPT-2's Conv1D (weight stored transposed; PEFT's fan_in_fan_out): methods always see
+(d_out, d_in) weights and gradients.
 A model sharded with FSDP2 (`fully_shard`) works the same: gradients stay sharded, each layer is gathered alone for
 its SVD and absorption, and every rank writes only its own block (the result equals the unsharded init).
 """
@@ -27,10 +30,10 @@ from safetensors.torch import save_file
 
 from ..errors import InitError
 from ..io import write_with
-from ..models import LLAMA_TARGETS
+from ..models import LLAMA_TARGETS, resolve_targets
 from .decompose import Selection, absorb
 from .gradients import (
-    MODEL_INPUTS, accumulate_gradients, bf16_supported, canonical_name, check_buffer_memory, target_layers,
+    MODEL_INPUTS, accumulate_gradients, bf16_supported, canonical_name, check_buffer_memory, oriented, target_layers,
 )
 from .registry import LayerInput, get_init
 from .sharding import assign_, gather, is_sharded, joint_key, per_rank, reshard_all
@@ -80,6 +83,8 @@ class InitConfig:
     autocast: bool = False  # gradient passes under bf16 autocast where the device supports it
     gradient_cache: str | None = None  # a safetensors file: reuse the gradients when model and batches match
     gradient_cache_dir: str | None = None  # a folder of <fingerprint>.safetensors, one per gradient set
+    # the layers' last name components; the default, on a model without the Llama names, resolves to the model's
+    # own (PEFT's defaults for its model_type, else every linear layer but the LM head: models.resolve_targets)
     targets: tuple[str, ...] = LLAMA_TARGETS
 
 
@@ -113,6 +118,7 @@ def projection_settings(config: InitConfig) -> ProjectionSettings:
 def _lora_layers(model: torch.nn.Module, adapter: str, targets: tuple[str, ...]) -> dict[str, torch.nn.Module]:
     """Canonical name -> the PEFT LoRA layer carrying `adapter`, for every target layer."""
     target_layers(model, targets)  # raises on quantised / unsupported / unmatched targets
+    targets = resolve_targets(model, targets)
     layers = {
         canonical_name(name): module
         for name, module in model.named_modules()
@@ -270,9 +276,9 @@ def init_adapter(
         return report
 
     for name, layer in layers.items():
-        rank, (d_out, d_in) = layer.r[adapter_name], layer.get_base_layer().weight.shape
-        if rank > min(d_out, d_in):
-            raise InitError(f"rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r}; lower r.")
+        rank, shape = layer.r[adapter_name], layer.get_base_layer().weight.shape
+        if rank > min(shape):
+            raise InitError(f"rank {rank} exceeds min(d_out, d_in) = {min(shape)} of layer {name!r}; lower r.")
 
     grads: dict[str, torch.Tensor] = {}
     if spec.data == "inputs":  # the method's own pass over the current batches (e.g. EVA's activation SVD)
@@ -301,8 +307,8 @@ def init_adapter(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        grad = grads.pop(name, None)
-        made = spec.factors(LayerInput(name, gather(layer.get_base_layer().weight.detach()),
+        grad, base = grads.pop(name, None), layer.get_base_layer()
+        made = spec.factors(LayerInput(name, oriented(base, gather(base.weight.detach())),
                                        None if grad is None else gather(grad), layer.r[adapter_name],
                                        layer.scaling[adapter_name]), config)
         del grad
@@ -313,12 +319,43 @@ def init_adapter(
     for name, (a, b) in factors.items():
         layer = layers[name]
         if spec.absorbs:
-            weight = layer.get_base_layer().weight
-            assign_(weight, absorb(gather(weight.detach()), a, b, layer.scaling[adapter_name]))
+            absorb_layer(layer, a, b, layer.scaling[adapter_name])
         assign_(layer.lora_A[adapter_name].weight, a)
         assign_(layer.lora_B[adapter_name].weight, b)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def absorb_layer(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """W <- W - s B A on a LoRA layer's base weight, in the weight's own layout (Conv1D: transposed); a sharded
+    weight is gathered whole and each rank writes its block."""
+    base = layer.get_base_layer()
+    assign_(base.weight, oriented(base, absorb(oriented(base, gather(base.weight.detach())), a, b, scaling)))
+
+
+def adapter_factors(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """CPU copies of the adapter's factors, "<canonical layer name>.A" / ".B": taken right after the init (A0, B0),
+    they rebuild the base that an absorbing init left (`absorb_factors`)."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if adapter_name in getattr(module, "lora_A", {}):
+            tensors[f"{canonical_name(name)}.A"] = module.lora_A[adapter_name].weight.detach().clone().cpu()
+            tensors[f"{canonical_name(name)}.B"] = module.lora_B[adapter_name].weight.detach().clone().cpu()
+    return tensors
+
+
+def absorb_factors(model: torch.nn.Module, factors: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """W <- W - s B0 A0 on every LoRA layer of a PEFT model carrying `adapter_name`, from the initial factors of
+    `adapter_factors`: the base weights an absorbing init left, under the adapter trained from it."""
+    layers = {canonical_name(name): module for name, module in model.named_modules()
+              if adapter_name in getattr(module, "lora_A", {})}
+    missing = sorted(name for name in layers if f"{name}.A" not in factors or f"{name}.B" not in factors)
+    if missing or not layers:
+        raise InitError(f"the initial factors do not match the adapter {adapter_name!r}: "
+                        + (f"no factors for its layers {missing[:3]}." if missing else "the model carries no such "
+                           "adapter.") + " Use the factors saved with this very adapter.")
+    for name, layer in layers.items():
+        absorb_layer(layer, factors[f"{name}.A"], factors[f"{name}.B"], layer.scaling[adapter_name])
 
 
 def _check_subspaces(subspaces: Mapping[str, torch.Tensor], layers: Mapping[str, torch.nn.Module]
@@ -328,8 +365,9 @@ def _check_subspaces(subspaces: Mapping[str, torch.Tensor], layers: Mapping[str,
     if unknown:
         raise InitError(f"input_subspaces name layers that carry no adapter: {unknown[:3]}.")
     for name, basis in subspaces.items():
-        weight = layers[name].get_base_layer().weight
-        d_in = weight.shape[1]
+        base = layers[name].get_base_layer()
+        weight = base.weight
+        d_in = oriented(base, weight).shape[1]
         if basis.dim() != 2 or basis.shape[0] != d_in or basis.shape[1] >= d_in:
             raise InitError(f"layer {name!r}: an input subspace must be (d_in, k) with k < d_in = {d_in}, got "
                             f"{tuple(basis.shape)}; keep fewer directions.")

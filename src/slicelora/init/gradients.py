@@ -6,7 +6,8 @@ gradient is alive at a time. Nothing else requires grad during the pass. Under t
 counts are all-reduced, so N processes over N shards of the batches give the mean over all of them. Under FSDP2
 the buffers are sharded like the weights (see sharding.py). With `autocast` the forward/backward passes run under
 bfloat16 autocast, as training does (2.6x faster for SmolLM2-135M on a CPU with avx512_bf16); the buffers stay
-float32.
+float32. A target layer is an nn.Linear or GPT-2's Conv1D, whose weight is stored transposed, (d_in, d_out): its
+gradient is returned as (d_out, d_in) like every other.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import InitError
-from ..models import LLAMA_TARGETS, is_checkpointing, set_checkpointing
+from ..models import LLAMA_TARGETS, is_checkpointing, resolve_targets, set_checkpointing
 from .sharding import all_reduce_sum, check_sharding, is_distributed, local, per_rank, reshard_all, sharded_zeros
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -33,24 +35,39 @@ def canonical_name(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """nn.Linear itself (not a quantised subclass), also when FSDP2 re-classed it as FSDPLinear to shard it alone."""
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)) is nn.Linear
+def _layer_class(module: nn.Module) -> type:
+    """The module's own class, also when FSDP2 re-classed it (e.g. FSDPLinear) to shard it alone."""
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
-def target_layers(model: nn.Module, targets: Sequence[str] = LLAMA_TARGETS) -> dict[str, nn.Linear]:
-    """Map each target module's canonical name to the nn.Linear holding its full weight (PEFT: the base layer)."""
-    layers: dict[str, nn.Linear] = {}
+def is_transposed(layer: nn.Module) -> bool:
+    """Whether the layer stores its weight as (d_in, d_out): GPT-2's Conv1D."""
+    return _layer_class(layer) is Conv1D
+
+
+def oriented(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (the layer's weight, or one shaped like it) as (d_out, d_in), or back: a transposed view for Conv1D,
+    the tensor itself for nn.Linear."""
+    return tensor.T if is_transposed(layer) else tensor
+
+
+def target_layers(model: nn.Module, targets: Sequence[str] = LLAMA_TARGETS) -> dict[str, nn.Module]:
+    """Map each target module's canonical name to the layer holding its full weight (PEFT: the base layer), an
+    nn.Linear or a Conv1D. The default targets resolve to the model's own names (models.resolve_targets)."""
+    targets = resolve_targets(model, targets)
+    layers: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] not in targets:
             continue
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         weight = getattr(base, "weight", None)
-        if not _plain_linear(base) or weight is None or not weight.dtype.is_floating_point:
+        if _layer_class(base) not in (nn.Linear, Conv1D) or weight is None or not weight.dtype.is_floating_point:
+            quantised = isinstance(base, nn.Linear) or weight is not None and not weight.dtype.is_floating_point
             raise InitError(
-                f"layer {canonical_name(name)!r} is a {type(base).__name__} with weight dtype "
-                f"{getattr(weight, 'dtype', None)}: gradient-based inits need full-precision nn.Linear layers. "
-                "Load the model unquantised (dtype=torch.float32 or bfloat16), or drop it from the targets."
+                f"layer {canonical_name(name)!r} is a {type(base).__name__}"
+                + (f" with weight dtype {getattr(weight, 'dtype', None)}: LoRA inits need full-precision weights. "
+                   "Load the model unquantised (dtype=torch.float32 or bfloat16), or drop it from the targets."
+                   if quantised else ", not a linear layer (nn.Linear or Conv1D): drop it from the targets.")
             )
         layers[canonical_name(name)] = base
     if not layers:
@@ -122,7 +139,8 @@ def accumulate_gradients(
     autocast: bool = False,
     desc: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean over `batches` of d(LM loss)/dW for every target weight W, as float32 tensors keyed by layer name.
+    """Mean over `batches` of d(LM loss)/dW for every target weight W, as float32 (d_out, d_in) tensors keyed by
+    layer name.
 
     The model runs in eval mode (no dropout) so the gradient is that of the deterministic loss; its train/eval
     state, every requires_grad flag and the target weights' .grad are restored afterwards, whatever happens.
@@ -143,6 +161,9 @@ def accumulate_gradients(
     sharded = check_sharding([layer.weight for layer in layers.values()])
     if sharded and transform is not None:
         raise InitError("a gradient transform (e.g. a mining sketch) needs whole layers: run it on an unsharded model.")
+    if sharded and any(is_transposed(layer) for layer in layers.values()):
+        raise InitError("gradients of FSDP-sharded Conv1D layers (GPT-2 style, weight stored (d_in, d_out)) are not "
+                        "supported: run the gradient-based init on an unsharded model.")
     batches = list(batches)
     count = _batches_summed(len(batches), device, sharded)
     params = list(model.parameters())
@@ -163,6 +184,8 @@ def accumulate_gradients(
                 return
             grad = weight.grad.float()
             weight.grad = None
+            if is_transposed(layers[name]):
+                grad = grad.T.contiguous()
             if transform is not None:
                 grad = transform(name, grad)
             if offload_to_cpu:

@@ -24,7 +24,7 @@ from ..init import InitConfig, init_names
 from ..init.adapter import projection_settings
 from ..init.gradients import target_layers
 from .continual import cl_names
-from ..models import DEFAULT_MODEL, LLAMA_TARGETS
+from ..models import DEFAULT_MODEL, LLAMA_TARGETS, linear_names, resolve_targets
 
 
 @dataclass
@@ -32,6 +32,8 @@ class AdapterConfig:
     rank: int = 64
     alpha: float = 2.0  # s = alpha / sqrt(r) (rsLoRA)
     dropout: float = 0.0
+    # the Llama names; on a model without them: PEFT's defaults for its model_type, else every linear layer but the
+    # LM head (models.resolve_targets). Set explicitly, they are taken as they are.
     targets: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
 
 
@@ -360,15 +362,15 @@ def validate(config: RunConfig) -> None:
 
 def check_against_model(config: RunConfig, model: torch.nn.Module) -> None:
     """What only the loaded model can tell, checked before any gradient or training work: every name in
-    adapter.targets names layers of the model (full-precision nn.Linear, as the gradient inits need), and
-    adapter.rank fits the smallest of them (2 * rank for LoRA-GA's reference and peft variants)."""
-    targets = config.adapter.targets
+    adapter.targets (the default resolved to the model's names) names layers of the model (full-precision nn.Linear
+    or Conv1D), and adapter.rank fits the smallest of them (2 * rank for LoRA-GA's reference and peft variants)."""
+    targets = resolve_targets(model, config.adapter.targets)
     suffixes = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in suffixes]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"adapter.targets: {', '.join(missing)} name(s) no module of model {config.model}. Its "
-                          f"linear layers are named {', '.join(linear)}; set adapter.targets to some of them.")
+                          f"linear layers are named {', '.join(sorted(linear_names(model)))}; set adapter.targets to "
+                          "some of them.")
     try:
         layers = target_layers(model, targets)
     except InitError as exc:

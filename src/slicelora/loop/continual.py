@@ -27,7 +27,7 @@ import torch
 from ..data.prompts import make_batches
 from ..data.tasks import Example, Task
 from ..errors import ConfigError
-from ..init.gradients import canonical_name, target_layers
+from ..init.gradients import canonical_name, oriented, target_layers
 
 if TYPE_CHECKING:  # the run config names the registered methods, so it imports this module
     from .config import RunConfig
@@ -158,8 +158,9 @@ class InfLoRA(ContinualMethod):
     def check(self, model: torch.nn.Module) -> None:
         k = self.config.cl.inflora_rank
         for name, layer in target_layers(model, tuple(self.config.adapter.targets)).items():
-            if k >= layer.weight.shape[1]:
-                raise ConfigError(f"cl.inflora_rank={k} must be < d_in = {layer.weight.shape[1]} of layer {name!r} "
+            d_in = oriented(layer, layer.weight).shape[1]
+            if k >= d_in:
+                raise ConfigError(f"cl.inflora_rank={k} must be < d_in = {d_in} of layer {name!r} "
                                   "(it keeps k input directions and leaves the rest to the new adapter); lower it.")
 
     def input_subspaces(self, stage: Stage) -> dict[str, torch.Tensor]:

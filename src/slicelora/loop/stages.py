@@ -43,11 +43,10 @@ from ..data.tasks import Example, Task, load_task, search_dirs
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
 from ..eval.tasks import evaluate_task
-from ..init import InitConfig, InitReport, get_init, init_adapter
-from ..init.decompose import absorb
-from ..init.gradients import canonical_name
+from ..init import InitConfig, InitReport, absorb_factors, adapter_factors, get_init, init_adapter
+from ..init.gradients import canonical_name, is_transposed, target_layers
 from ..io import remove_temporaries, write_json, write_text, write_with
-from ..models import load_model, peft_wrapping
+from ..models import load_model, peft_wrapping, resolve_targets
 from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict, library_init_config
 from .continual import ContinualMethod, Stage, active_methods, replay_buffer
 from .runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, CL_STATE_FILE, CONFIG_FILE, FACTORS_FILE, GENERAL_FILE,
@@ -114,10 +113,14 @@ def init_batches(learn: list[Task], past: list[Task], config: RunConfig, tokeniz
     return current, make_batches([ex for buffer in buffers for ex in buffer], **kw)
 
 
-def lora_config(config: RunConfig) -> LoraConfig:
+def lora_config(config: RunConfig, model: torch.nn.Module) -> LoraConfig:
+    """The stage adapter's PEFT config on `model`: adapter.targets resolved to its layer names, fan_in_fan_out for
+    GPT-2's Conv1D layers (weights stored transposed)."""
     a = config.adapter
+    transposed = any(is_transposed(layer) for layer in target_layers(model, a.targets).values())
     return LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, use_rslora=True,
-                      target_modules=list(a.targets), init_lora_weights=True)
+                      target_modules=list(resolve_targets(model, a.targets)), init_lora_weights=True,
+                      **({"fan_in_fan_out": True} if transposed else {}))
 
 
 def init_config(config: RunConfig, stage: int, shared: SharedWork | None = None) -> InitConfig:
@@ -187,16 +190,6 @@ def _write_run_dir(run_dir: Path, config: RunConfig, previous: RunConfig | None,
     write_json(run_dir / TASKS_FILE, [task.name for task in tasks])
 
 
-def initial_factors(model: PeftModel) -> dict[str, torch.Tensor]:
-    """Copies of the adapter's factors right after init (A0, B0): with them the absorbed base can be rebuilt."""
-    tensors = {}
-    for name, module in model.named_modules():
-        if "default" in getattr(module, "lora_A", {}):
-            tensors[f"{canonical_name(name)}.A"] = module.lora_A["default"].weight.detach().clone().cpu()
-            tensors[f"{canonical_name(name)}.B"] = module.lora_B["default"].weight.detach().clone().cpu()
-    return tensors
-
-
 def _save_adapter(path: Path, model: PeftModel) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -210,21 +203,20 @@ def _save_adapter(path: Path, model: PeftModel) -> None:
     tmp.rename(path)
 
 
-def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> torch.nn.Module:
-    """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
-    trained adapter, with the same operations as the live run, so the result is bitwise the same."""
+def _stage_adapter(model: torch.nn.Module, folder: Path) -> PeftModel:
+    """A finished stage's trained adapter on `model`, whose weights become the adapter's base: W - s B0 A0 for
+    absorbing inits (from the initial factors), W otherwise."""
     with peft_wrapping():
         peft_model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR, is_trainable=False)
     if stage_absorbs(folder):
-        factors = load_file(str(folder / FACTORS_FILE))
-        with torch.no_grad():
-            for name, module in peft_model.named_modules():
-                if "default" in getattr(module, "lora_A", {}):
-                    key = canonical_name(name)
-                    base = module.get_base_layer()
-                    base.weight.copy_(absorb(base.weight, factors[f"{key}.A"], factors[f"{key}.B"],
-                                             module.scaling["default"]))
-    return peft_model.merge_and_unload()
+        absorb_factors(peft_model, load_file(str(folder / FACTORS_FILE)))
+    return peft_model
+
+
+def rebuild_stage(model: torch.nn.Module, folder: Path, config: RunConfig) -> torch.nn.Module:
+    """Replay a finished stage's weight change on `model`: W <- W - s B0 A0 (absorbing inits), then merge the
+    trained adapter, with the same operations as the live run, so the result is bitwise the same."""
+    return _stage_adapter(model, folder).merge_and_unload()
 
 
 def stage_absorbs(folder: Path) -> bool:
@@ -248,18 +240,8 @@ def merged_model(run_dir: str | Path, stage: int) -> tuple[torch.nn.Module, PreT
 def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
     """The base onto which stage `stage`'s saved adapter loads (PeftModel.from_pretrained): the model merged up to
     stage-1, with this stage's initial factors absorbed (for absorbing inits)."""
-    run_dir = Path(run_dir)
-    config = from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
     model, _ = merged_model(run_dir, stage - 1)
-    folder = stage_dir(run_dir, stage)
-    if stage_absorbs(folder):
-        factors = load_file(str(folder / FACTORS_FILE))
-        scaling = config.adapter.alpha / config.adapter.rank ** 0.5
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                if f"{name}.A" in factors:
-                    module.weight.copy_(absorb(module.weight, factors[f"{name}.A"], factors[f"{name}.B"], scaling))
-    return model
+    return _stage_adapter(model, stage_dir(Path(run_dir), stage)).unload()
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -386,7 +368,7 @@ def _resume_stage(ctx: _Run, model: torch.nn.Module, folder: Path) -> tuple[torc
 def _fresh_adapter(model: torch.nn.Module, config: RunConfig) -> PeftModel:
     """1. A fresh LoRA adapter on the current merged model."""
     with peft_wrapping():
-        return get_peft_model(model, lora_config(config))
+        return get_peft_model(model, lora_config(config, model))
 
 
 def _initialise(ctx: _Run, model: PeftModel, stage: Stage, key: str | None) -> _Init:
@@ -398,7 +380,7 @@ def _initialise(ctx: _Run, model: PeftModel, stage: Stage, key: str | None) -> _
     report = init_adapter(model, config.init.method, init_config(config, stage.number, ctx.shared),
                           current=current[rank::world], replay=replay[rank::world] or None,
                           input_subspaces=subspaces or None)
-    factors = initial_factors(model)
+    factors = adapter_factors(model)
     after = key and stage_key(key, stage_settings(config), stage.past + stage.learn, stage.number, factors,
                               report.absorbs)
     source = ctx.shared.find_stage(after) if ctx.shared is not None and key else None

@@ -121,7 +121,7 @@ def calibrate(study: Study) -> dict[str, float]:
                      allow_reasoning_variant=config.allow_reasoning_variant)
     model, tokenizer = load_model(config.model)
     with peft_wrapping():
-        peft_model = get_peft_model(model, lora_config(config))
+        peft_model = get_peft_model(model, lora_config(config, model))
     device = torch.device("cpu")
     autocast = config.train.bf16 and bf16_supported(device)
     batches = make_batches(task.train, tokenizer, config.train.batch_size, config.train.max_length,
