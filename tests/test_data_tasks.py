@@ -48,7 +48,7 @@ CLASSIFICATION = {
 TRACE_COUNTS = {  # name: (train, test, native metric)
     "C-STANCE": (500, 100, "accuracy"),
     "FOMC": (500, 100, "accuracy"),
-    "Py150": (500, 100, "edit_similarity"),
+    "Py150": (500, 100, "fuzz_ratio"),
     "ScienceQA": (500, 100, "accuracy"),
     "NumGLUE-cm": (500, 81, "accuracy"),
     "NumGLUE-ds": (500, 100, "accuracy"),
@@ -164,6 +164,7 @@ def test_data_dirs_add_to_the_defaults_unless_data_only(monkeypatch: pytest.Monk
     extra, env = tmp_path / "extra", tmp_path / "env"
     write_json(extra / "task618_new_task.json", superni(8))
     write_json(extra / "task363_sst2_polarity_classification.json", superni(8))
+    env.mkdir()  # an empty folder: a missing one is refused by `slicelora tasks`
     monkeypatch.setenv("SLICELORA_DATA", str(env))
     assert search_dirs() == [env, SHIPPED_DATA_DIR]
     assert search_dirs([str(extra), extra]) == [extra, env, SHIPPED_DATA_DIR]

@@ -47,7 +47,7 @@ TRACE_NATIVE_METRICS = {
     "numglue-ds": "accuracy",
     "scienceqa": "accuracy",
     "meetingbank": "rouge_l",
-    "py150": "edit_similarity",
+    "py150": "fuzz_ratio",
     "20minuten": "sari",
 }
 REASONING_VARIANT = "train_reasoning_variant"  # TRACE's reasoning-augmented MeetingBank train split (shipped instead)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
+from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
 
 from slicelora.errors import ConfigError, DataError
@@ -113,40 +114,29 @@ def accuracy(prediction: str, references: Sequence[str], source: str = "") -> fl
     return _best(_accuracy_one, prediction, references)
 
 
-# --- edit similarity ---------------------------------------------------------------------------------------------
+# --- code similarity (TRACE Py150) ------------------------------------------------------------------------------
 
-def levenshtein(a: str, b: str) -> int:
-    """Character Levenshtein distance (unit insert/delete/substitute), O(len(a)*len(b)) time, O(len(b)) memory.
-
-    Row by row: substitutions and deletions come from the previous row elementwise; insertions chain along the
-    row, row[j] = min_k<=j (cand[k] + j - k), which is a running minimum of cand[k] - k.
-    """
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    bs = np.fromiter(map(ord, b), dtype=np.int64, count=len(b))
-    cols = np.arange(len(b) + 1)
-    prev = cols.copy()
-    for i, ch in enumerate(a, start=1):
-        cand = np.empty_like(prev)
-        cand[0] = i
-        cost = (bs != ord(ch)).astype(prev.dtype)
-        cand[1:] = np.minimum(prev[1:] + 1, prev[:-1] + cost)
-        prev = np.minimum.accumulate(cand - cols) + cols
-    return int(prev[-1])
+_LITERAL = re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S)
 
 
-def _edit_similarity_one(prediction: str, reference: str) -> float:
-    longest = max(len(prediction), len(reference))
-    if longest == 0:
-        return 100.0
-    return 100.0 * (1.0 - levenshtein(prediction, reference) / longest)
+def trace_code_text(code: str) -> str:
+    """TRACE's handling of Py150's literal placeholders: bare <NUM_LIT> -> "0", <STR_LIT> and <CHAR_LIT> -> "",
+    and <KIND_LIT:value> -> value."""
+    code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+    return _LITERAL.sub(lambda m: m.group(2), code)
 
 
-def edit_similarity(prediction: str, references: Sequence[str], source: str = "") -> float:
-    """TRACE Py150: 100 * (1 - Levenshtein distance / length of the longer string), on characters; both empty -> 100."""
-    return _best(_edit_similarity_one, prediction, references)
+def _fuzz_ratio_one(prediction: str, reference: str) -> float:
+    a, b = trace_code_text(prediction), trace_code_text(reference)
+    if not a or not b:  # TRACE skips these in its sum and divides by all examples: they count 0
+        return 0.0
+    return float(round(fuzz.ratio(a, b)))  # fuzzywuzzy's fuzz.ratio: the rounded Indel similarity
+
+
+def fuzz_ratio(prediction: str, references: Sequence[str], source: str = "") -> float:
+    """TRACE Py150's score, as TRACE computes it: fuzzywuzzy's fuzz.ratio (0..100, an integer) between the
+    prediction and the reference after TRACE's literal-placeholder handling; an empty one scores 0."""
+    return _best(_fuzz_ratio_one, prediction, references)
 
 
 # --- SARI --------------------------------------------------------------------------------------------------------
@@ -220,7 +210,7 @@ METRICS: dict[str, Scorer] = {
     "official_exact_match": official_exact_match,
     "official_rouge_l": official_rouge_l,
     "accuracy": accuracy,
-    "edit_similarity": edit_similarity,
+    "fuzz_ratio": fuzz_ratio,
     "sari": sari,
 }
 
