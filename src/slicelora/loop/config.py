@@ -8,6 +8,7 @@ An unknown key is refused with the nearest valid key suggested.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import typing
 from collections.abc import Callable
@@ -110,6 +111,13 @@ class CLSection:
 
 
 @dataclass
+class TrackSection:
+    tensorboard: bool = False  # TensorBoard logs in RUN/tensorboard (pip install tensorboard)
+    wandb: bool = False  # Weights & Biases (pip install wandb; its own login and mode settings apply)
+    wandb_project: str = "slicelora"
+
+
+@dataclass
 class RunConfig:
     sequence: str = "demo"
     model: str = DEFAULT_MODEL
@@ -123,6 +131,7 @@ class RunConfig:
     cl: CLSection = field(default_factory=CLSection)
     eval: EvalSection = field(default_factory=EvalSection)
     general: GeneralSection = field(default_factory=GeneralSection)
+    track: TrackSection = field(default_factory=TrackSection)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,7 +139,7 @@ class RunConfig:
 
 # Settings that may change when a run is resumed, since finished work does not depend on them: the evaluation batch
 # size, and the general-ability evaluation (its scores are recomputed when its settings change).
-RESUMABLE = ("eval.batch_size", "general.")
+RESUMABLE = ("eval.batch_size", "general.", "track.")
 
 
 def changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
@@ -351,6 +360,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"train.replay_examples={config.train.replay_examples} with train.multitask=true: the one "
                           "joint stage has no past tasks to replay. Set train.replay_examples=0 or "
                           "train.multitask=false.")
+    for tracker in ("tensorboard", "wandb"):
+        if getattr(config.track, tracker) and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"track.{tracker}=true needs the {tracker} package: pip install {tracker} (or "
+                              f"slicelora[track]), or set track.{tracker}=false.")
     if config.cl.method == "replay" and not config.train.replay_examples:
         raise ConfigError("cl.method=replay mixes train.replay_examples past examples per task into training: set "
                           "train.replay_examples > 0 (experience replay is on whenever it is > 0).")

@@ -53,6 +53,7 @@ from .runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, CL_STATE_FILE, CONFIG_FILE
                         GENERATIONS_FILE, INIT_FILE, KEY_FILE, SCORES_FILE, STAGES_DIR, TASKS_FILE, TIMING_FILE,
                         TRAIN_FILE, is_run_folder, stage_dir, write_run_summary)
 from .sharing import SharedWork, copy_tree, general_key, model_key, stage_key
+from .tracking import Tracker
 from .train import divergence, train_adapter
 
 # InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
@@ -257,6 +258,7 @@ class _Run:
     accelerator: Accelerator
     methods: list[ContinualMethod]
     shared: SharedWork | None
+    tracker: Tracker
 
     @property
     def main(self) -> bool:
@@ -317,7 +319,9 @@ def run(
         if on_stage is not None:
             on_stage(stage.number, model)
         _evaluate(ctx, model, stage, folder, key, timing)                                       # 5.
+        ctx.tracker.log_stage(stage.number)
     _general(ctx, model, "final", general, key)
+    ctx.tracker.close()
     if ctx.main:
         write_run_summary(ctx.dir)
     accelerator.wait_for_everyone()
@@ -347,7 +351,8 @@ def _prepare(config: RunConfig, run_dir: Path, resume: bool, accelerator: Accele
         method.check(model)
     if main:  # nothing is written before the settings, the data and the model have passed their checks
         _write_run_dir(run_dir, config, previous, tasks)
-    return _Run(config, run_dir, tokenizer, accelerator, methods, shared), tasks, model
+    tracker = Tracker(run_dir, config, enabled=main)
+    return _Run(config, run_dir, tokenizer, accelerator, methods, shared, tracker), tasks, model
 
 
 def _stages(tasks: list[Task], config: RunConfig) -> list[Stage]:
@@ -530,7 +535,7 @@ def _read_key(folder: Path) -> str | None:
 
 def stage_settings(config: RunConfig) -> dict:
     """The settings a stage's results depend on besides its initial factors and tasks (see sharing.stage_key)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("init", "general", "sequence")}
+    return {k: v for k, v in config.to_dict().items() if k not in ("init", "general", "sequence", "track")}
 
 
 def _general(ctx: _Run, model: torch.nn.Module, which: str, known: dict | None, key: str | None) -> dict:
