@@ -214,3 +214,16 @@ def test_a_long_cpu_run_gets_a_note_with_the_work_ahead(monkeypatch):
     config = load_config(None, ["sequence=demo"])  # the paper's settings: 1000 examples x 3 epochs per task
     assert cli._plan_or_warn({"slice": config}, plan=False) is False
     assert "can take hours on a CPU. `--plan` estimates the time" in cli.console.file.getvalue()
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (["init.method=lora_ga", "init.strength=0.5"], "init.strength is read only with init.method=slice"),
+    (["init.method=vanilla", "init.selection=top_r"], "init.selection is read only with init.method=lora_ga or "
+                                                      "init.method=slice"),
+    (["cl.method=olora", "cl.inflora_rank=8"], "cl.inflora_rank is read only with cl.method=inflora"),
+])
+def test_a_setting_for_a_method_that_is_not_selected_is_refused(tmp_path, settings, expected):
+    code, output = invoke("run", "-o", str(tmp_path / "out"), *sets(*settings))
+    assert code == 2 and expected in output, output
+    assert not (tmp_path / "out").exists()
+    load_config(None, settings)  # comparisons and studies share settings across methods: no refusal there

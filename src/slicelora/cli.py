@@ -164,7 +164,7 @@ def run(
     from .report.tables import rich_table
 
     with _handled(resumable=True):
-        cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only))
+        cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only), strict=True)
         if _plan_or_warn({cfg.init.method: cfg}, plan):
             return
         accelerator = _accelerator()

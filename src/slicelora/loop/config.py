@@ -21,10 +21,10 @@ import yaml
 
 from ..errors import ConfigError, InitError
 from ..eval.general import BENCHMARKS, POOL_SIZE
-from ..init import InitConfig, init_names
+from ..init import InitConfig, get_init, init_names
 from ..init.adapter import projection_settings
 from ..init.gradients import target_layers
-from .continual import cl_names
+from .continual import CL_METHODS, cl_names
 from ..models import DEFAULT_MODEL, LLAMA_TARGETS, linear_names, resolve_targets
 
 
@@ -246,9 +246,12 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Paper defaults, then the YAML file's values, then `key=value` overrides (dotted keys, e.g. train.lr=2e-4)."""
-    config = RunConfig()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                strict: bool = False) -> RunConfig:
+    """Paper defaults, then the YAML file's values, then `key=value` overrides (dotted keys, e.g. train.lr=2e-4).
+    `strict` (one run) also refuses settings that the selected init and CL methods do not read; comparisons and
+    studies apply one set of settings to several methods, so there a setting may concern only some of them."""
+    config, given = RunConfig(), set()
     if path is not None:
         path = Path(path)
         try:
@@ -264,13 +267,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}.")
         for key, value in flatten(data).items():
             _set(config, key, value, str(path))
+            given.add(key)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=2e-4.")
         _set(config, key.strip(), _parse_yaml(value, f"override {item!r}") if value.strip() else None, "override")
+        given.add(key.strip())
     validate(config)
+    if strict:
+        check_settings_apply(config, given)
     return config
+
+
+def check_settings_apply(config: RunConfig, given: set[str]) -> None:
+    """Refuse method settings (init.* of a registered init, cl.* of a CL method) given for a method that is not
+    selected: the run would silently ignore them."""
+    owners: dict[str, list[str]] = {}
+    for name in init_names():
+        spec = get_init(name)
+        for field_name in spec.settings + spec.combine_settings:
+            if hasattr(config.init, field_name):
+                owners.setdefault(f"init.{field_name}", []).append(f"init.method={name}")
+    for name, method in CL_METHODS.items():
+        for field_name in method.settings:
+            owners.setdefault(f"cl.{field_name}", []).append(f"cl.method={name}")
+    selected = {f"init.method={config.init.method}", f"cl.method={config.cl.method}"}
+    unused = sorted(key for key in given if key in owners and not selected & set(owners[key]))
+    if unused:
+        detail = "; ".join(f"{key} is read only with {' or '.join(owners[key])}" for key in unused)
+        raise ConfigError(f"{detail}; this run has init.method={config.init.method} and cl.method={config.cl.method}, "
+                          "which ignore it. Remove the setting or choose a method that reads it.")
 
 
 def _parse_yaml(text: str, where: str) -> Any:

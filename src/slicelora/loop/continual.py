@@ -48,6 +48,7 @@ class ContinualMethod:
     """A training-time method; every hook defaults to doing nothing."""
 
     name: ClassVar[str] = ""
+    settings: ClassVar[tuple[str, ...]] = ()  # the cl.* fields it reads
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -116,6 +117,7 @@ class OLoRA(ContinualMethod):
     orthogonal to the old ones. The adapters are still merged; the old A's are only anchors."""
 
     name = "olora"
+    settings = ("olora_lambda",)
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
@@ -150,6 +152,7 @@ class InfLoRA(ContinualMethod):
     model's function is unchanged at the start (absorbing inits too)."""
 
     name = "inflora"
+    settings = ("inflora_rank", "inflora_batches", "inflora_batch_size")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
