@@ -10,6 +10,8 @@ token batches, after the same warm-up pass, so no variant inherits another's cac
     lora_ga        get_peft_model (default LoRA) + slicelora.init.init_adapter(method="lora_ga")
     slice          the same with method="slice": current batches and as many replay batches (two gradient sets);
                    --gate defaults to 1.0 so that the projection always fires and its cost is counted
+    pissa, eva     the same with method="pissa" (PEFT's PiSSA: an SVD of every weight, no data) and "eva" (PEFT's
+                   EVA: an incremental SVD of every layer's inputs over the current batches)
     lora_ga_offload, slice_offload (CUDA only)   the same with InitConfig(offload_to_cpu=True)
     floor          (CUDA only) one forward/backward per batch whose target-weight gradients are dropped as soon as
                    they are made: the device memory that any gradient method needs for activations anyway
@@ -66,8 +68,8 @@ import time
 from pathlib import Path
 
 MIB = 2 ** 20
-CPU_VARIANTS = ("peft", "lora_ga", "slice")
-CUDA_VARIANTS = ("peft", "lora_ga", "slice", "lora_ga_offload", "slice_offload", "floor")
+CPU_VARIANTS = ("peft", "lora_ga", "slice", "pissa", "eva")
+CUDA_VARIANTS = ("peft", "lora_ga", "slice", "pissa", "eva", "lora_ga_offload", "slice_offload", "floor")
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                      vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
                      rope_theta=100000.0)
@@ -208,7 +210,7 @@ def run_variant(variant, model, current, replay, args, meter, device):
     from peft import LoraConfig, get_peft_model
 
     import slicelora.init.adapter as methods
-    from slicelora.init import InitConfig, init_adapter
+    from slicelora.init import InitConfig, get_init, init_adapter
 
     targets = list(args.targets)
     lora = dict(r=args.rank, lora_alpha=args.alpha, target_modules=targets, lora_dropout=0.0)
@@ -245,7 +247,8 @@ def run_variant(variant, model, current, replay, args, meter, device):
             h.remove()
         return len(current)
 
-    method = "slice" if variant.startswith("slice") else "lora_ga"
+    method = variant.removesuffix("_offload")
+    data = get_init(method).data
     real = methods.accumulate_gradients
 
     def timed(*a, **k):
@@ -257,14 +260,14 @@ def run_variant(variant, model, current, replay, args, meter, device):
         peft_model = get_peft_model(model, LoraConfig(**lora))
         config = InitConfig(lora_ga_variant=args.variant, gate=args.gate, offload_to_cpu=variant.endswith("_offload"),
                             targets=tuple(targets))
-        report = init_adapter(peft_model, method, config, current=current,
-                              replay=replay if method == "slice" else None)
+        report = init_adapter(peft_model, method, config, current=current if data != "none" else None,
+                              replay=replay if data == "replay" else None)
     finally:
         methods.accumulate_gradients = real
     if method == "slice" and not (report.surgery and report.surgery.fired):
         print(f"note: the SLICE projection did not fire (cos={report.surgery.cosine:.3f} >= gate {args.gate})",
               file=sys.stderr)
-    return len(current) + (len(replay) if method == "slice" else 0)
+    return {"none": 0, "replay": len(current) + len(replay)}.get(data, len(current))
 
 
 def cpu_tracked_peaks(prof) -> dict:
@@ -555,8 +558,9 @@ def summarise(args, res: dict[str, dict], cuda: bool) -> dict:
     for v, r in res.items():
         out[f"{v}_batches"] = r["batches"]
         out[f"{v}_seconds"] = round(r["seconds"], 3)
-        out[f"{v}_s_per_batch"] = round(r["seconds"] / r["batches"], 4)
-        out[f"{v}_grad_s_per_batch"] = round(r["grad_seconds"] / r["batches"], 4)
+        used = r["batches"] or None  # a data-free init (PiSSA) has no per-batch figures
+        out[f"{v}_s_per_batch"] = round(r["seconds"] / used, 4) if used else None
+        out[f"{v}_grad_s_per_batch"] = round(r["grad_seconds"] / used, 4) if used else None
         out[f"{v}_peak_mib"] = mib(r.get(peak_key))
         out[f"{v}_grad_phase_peak_mib"] = mib(r.get(peak_key.replace("peak", "grad_peak")))
         out[f"{v}_rest_phase_peak_mib"] = mib(r.get(peak_key.replace("peak", "other_peak")))
@@ -573,6 +577,9 @@ def summarise(args, res: dict[str, dict], cuda: bool) -> dict:
         out[f"ratio_{v}_peft_peak"] = ratio(get(v, peak_key), get("peft", peak_key))
         out[f"ratio_{v}_peft_rest_phase_peak"] = ratio(get(v, peak_key.replace("peak", "other_peak")),
                                                        get("peft", peak_key.replace("peak", "other_peak")))
+    for v in ("pissa", "eva"):  # beside our LoRA-GA on the same model: whole-init time and peak
+        out[f"ratio_{v}_lora_ga_seconds"] = ratio(get(v, "seconds"), get("lora_ga", "seconds"))
+        out[f"ratio_{v}_lora_ga_peak"] = ratio(get(v, peak_key), get("lora_ga", peak_key))
     if "lora_ga" in res and "peft" in res:
         out["lora_ga_minus_peft_peak_mib"] = mib(get("lora_ga", peak_key) - get("peft", peak_key))
         out["pass_lora_ga_time_le_peft"] = out["lora_ga_s_per_batch"] <= out["peft_s_per_batch"]
@@ -697,15 +704,20 @@ def print_report(out: dict, variants, cuda: bool) -> None:
           f"largest layer gradient = {out['largest_grad_mib']} MiB")
     print(f"memory: {out['memory_measure']}; grad-ph = during the gradient passes, rest-ph = the rest of the init, "
           f"kept = left at the end (the adapter)\n")
-    head = (f"{'variant':<16}{'batches':>8}{'s/batch':>9}{'grad s/b':>9}{'peak MiB':>10}{'grad-ph':>9}{'rest-ph':>9}"
-            f"{'kept':>8}{'RSS pk':>8}")
+    head = (f"{'variant':<16}{'batches':>8}{'seconds':>9}{'s/batch':>9}{'grad s/b':>9}{'peak MiB':>10}{'grad-ph':>9}"
+            f"{'rest-ph':>9}{'kept':>8}{'RSS pk':>8}")
     print(head)
     print("-" * len(head))
     for v in variants:
-        print(f"{v:<16}{out[f'{v}_batches']:>8}{out[f'{v}_s_per_batch']:>9}{out[f'{v}_grad_s_per_batch']:>9}"
+        print(f"{v:<16}{out[f'{v}_batches']:>8}{out[f'{v}_seconds']:>9}{fmt(out[f'{v}_s_per_batch']):>9}"
+              f"{fmt(out[f'{v}_grad_s_per_batch']):>9}"
               f"{fmt(out[f'{v}_peak_mib']):>10}{fmt(out[f'{v}_grad_phase_peak_mib']):>9}"
               f"{fmt(out[f'{v}_rest_phase_peak_mib']):>9}{fmt(out[f'{v}_retained_mib']):>8}"
               f"{fmt(out[f'{v}_rss_peak_mib']):>8}")
+    for v in ("pissa", "eva"):
+        if v in variants:
+            print(f"  {v}: whole init x{fmt(out[f'ratio_{v}_lora_ga_seconds'])} of LoRA-GA's time, peak "
+                  f"x{fmt(out[f'ratio_{v}_lora_ga_peak'])}")
     print("\nratios ours/peft:")
     for v in ("lora_ga", "slice"):
         print(f"  {v:<8} time/batch {fmt(out.get(f'ratio_{v}_peft_s_per_batch'))}  "
