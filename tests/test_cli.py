@@ -168,10 +168,11 @@ def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, tmp_path, command
 
 @pytest.mark.slow
 def test_sigint_then_resume_gives_the_uninterrupted_results(tiny_folder, tmp_path):
-    reference = run(load_config(None, [f"model={tiny_folder}", *VANILLA]), tmp_path / "reference")
+    settings = [*VANILLA, "train.epochs=40"]  # stages of a second or more: the signal lands inside the run
+    reference = run(load_config(None, [f"model={tiny_folder}", *settings]), tmp_path / "reference")
     out_dir = tmp_path / "run"
     command = [sys.executable, "-m", "slicelora.cli", "run", "-o", str(out_dir), "--model", str(tiny_folder),
-               *sets(*VANILLA)]
+               *sets(*settings)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -263,7 +263,7 @@ def test_bad_inputs(model, batches):
         init_adapter(wrap(tiny_llama(seed=0), r=40), "loram")  # k_proj is 24 x 48
     peft_model = wrap(model)
     with pytest.raises(InitError, match="unknown init method"):
-        init_adapter(peft_model, "pissa", current=batches)
+        init_adapter(peft_model, "dora", current=batches)
     with pytest.raises(InitError, match="needs current-task batches"):
         init_adapter(peft_model, "slice", current=[])
     with pytest.raises(InitError, match="no LoRA adapter"):
