@@ -436,3 +436,16 @@ def test_buffers_that_do_not_fit_are_refused_before_any_work(model, batches, mon
     weights = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
     biggest = max(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
     assert needed == 4 * (2 * weights + biggest)
+
+
+def test_free_cpu_memory_counts_the_reclaimable_page_cache(monkeypatch, tmp_path):
+    """MemAvailable (free pages plus reclaimable cache), not MemFree: a machine that has read many files has little
+    free memory and gigabytes available; a study worker once refused its gradient buffers that way."""
+    from slicelora.init import gradients
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683520 kB\nMemFree:          744652 kB\nMemAvailable:   15627264 kB\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                          *a, **k))
+    assert gradients.free_bytes(torch.device("cpu")) == 15627264 * 1024

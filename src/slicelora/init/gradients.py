@@ -88,9 +88,18 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Free memory on `device` (CUDA: the driver's count; CPU: available physical pages), None if unknown."""
+    """Free memory on `device`, None if unknown. CUDA: the driver's count. CPU: the kernel's MemAvailable (free
+    pages plus the page cache it can reclaim; free pages alone fall to a few hundred MiB on a machine that has read
+    many files, with gigabytes to spare), else the free physical pages."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
