@@ -119,3 +119,16 @@ def test_duplicate_variant_names_are_refused(tiny_folder, tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"'lora_ga' is given twice"):
         load_study(path)
+
+
+def test_a_failing_cell_does_not_stop_the_others(tiny_folder, tmp_path):
+    grid = spec(tiny_folder)
+    grid["variants"] = {"diverges": {"init.method": "lora_ga", "train.lr": 1e30, "train.warmup_ratio": 0},
+                        "lora_ga": {"init.method": "lora_ga"}}  # the failing cell runs first
+    grid["seeds"] = [1]
+    grid["reference"] = "lora_ga"
+    lines = []
+    with pytest.raises(RunStateError, match=r"1 cell\(s\) failed: cells/two/diverges/seed1"):
+        run_study(parse_study(grid), tmp_path / "out", log=lines.append)
+    assert any("diverges/seed1: FAILED" in line and "diverged" in line for line in lines)
+    assert (tmp_path / "out" / "cells/two/lora_ga/seed1/stages/02/scores.json").is_file()

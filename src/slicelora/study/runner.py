@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.sequences import load_sequence
-from ..errors import RunStateError
+from ..errors import RunStateError, SliceLoraError
 from ..io import write_json
 from ..loop.runfolder import GENERAL_FILE, stage_finished
 from ..loop.sharing import SharedWork
@@ -82,9 +82,11 @@ def groups(study: Study) -> list[tuple[str, int]]:
     return [(seq, seed) for seq in study.sequences for seed in study.seeds]
 
 
-def run_cells(study: Study, out: Path, *, session: str | None = None, accelerator=None, log=print) -> None:
+def run_cells(study: Study, out: Path, *, session: str | None = None, accelerator=None, log=print) -> list[str]:
     """Run every unfinished cell, group by group. With `session`, only groups this process claims first (other
-    workers of the same session take the rest)."""
+    workers of the same session take the rest). A cell that stops with our error (a diverging stage, memory, ...)
+    is logged and left for --resume while the other cells go on; returns the failed cells' folders."""
+    failed = []
     for seq, seed in groups(study):
         cells = [c for c in study.cells() if (c.sequence, c.seed) == (seq, seed)]
         if all(cell_done(study, out, c) for c in cells) or (session and not _claim(out, session, seq, seed)):
@@ -94,9 +96,15 @@ def run_cells(study: Study, out: Path, *, session: str | None = None, accelerato
             if cell_done(study, out, cell):
                 continue
             start = time.perf_counter()
-            run(study.config(cell), out / cell.dir, resume=True, accelerator=accelerator, shared=shared)
+            try:
+                run(study.config(cell), out / cell.dir, resume=True, accelerator=accelerator, shared=shared)
+            except SliceLoraError as exc:
+                failed.append(cell.dir)
+                log(f"{cell.dir}: FAILED after {time.perf_counter() - start:.0f} s: {exc}")
+                continue
             log(f"{cell.dir}: {time.perf_counter() - start:.0f} s")
         shutil.rmtree(shared.gradients, ignore_errors=True)  # no later group starts from these models
+    return failed
 
 
 def _claim(out: Path, session: str, seq: str, seed: int) -> bool:
@@ -115,7 +123,10 @@ def run_study(study: Study, out: str | Path, *, resume: bool = False, workers: i
     out = Path(out)
     prepare_study_dir(out, study, resume)
     if workers <= 1:
-        run_cells(study, out, accelerator=accelerator, log=log)
+        failed = run_cells(study, out, accelerator=accelerator, log=log)
+        if failed:
+            raise RunStateError(f"{len(failed)} cell(s) failed: {', '.join(failed)} (the log says why); fix the cause "
+                                "and rerun with --resume: finished stages are kept.")
         return out
     session = uuid.uuid4().hex[:8]
     (out / "logs").mkdir(exist_ok=True)
@@ -134,6 +145,6 @@ def run_study(study: Study, out: str | Path, *, resume: bool = False, workers: i
         bar.refresh()
     failed = [k for k, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        raise RunStateError(f"study worker(s) {failed} failed; see {out / 'logs'}/worker-K.log. Fix the cause and "
-                            "rerun with --resume: finished stages are kept.")
+        raise RunStateError(f"study worker(s) {failed} had failed cells or stopped; see {out / 'logs'}/worker-K.log. "
+                            "Fix the cause and rerun with --resume: finished stages are kept.")
     return out
