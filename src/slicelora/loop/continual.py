@@ -175,12 +175,18 @@ class InfLoRA(ContinualMethod):
         batches = make_batches([ex for task in stage.learn for ex in task.train], tokenizer, cl.inflora_batch_size,
                                train.max_length, seed=self.config.seed + stage.number, num_batches=cl.inflora_batches)
         mask: list[torch.Tensor] = []
+        # x^T x of each input seen in this batch, by the input tensor itself (kept alive, so no other tensor takes its
+        # memory meanwhile): q/k/v (and gate/up) read one input and share one product
+        products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def accumulate(name: str):
             def hook(module, args) -> None:
-                x = args[0][mask[0]].double()  # the real tokens' inputs, (tokens, d_in)
-                c = x.T @ x
-                self.covariance[name] = self.covariance[name] + c if name in self.covariance else c
+                x = args[0]
+                if id(x) not in products:  # float32 products, summed over batches in float64
+                    tokens = x[mask[0]].float()  # the real tokens' inputs, (tokens, d_in)
+                    products[id(x)] = (x, (tokens.T @ tokens).double())
+                c = products[id(x)][1]
+                self.covariance[name] = self.covariance[name] + c if name in self.covariance else c.clone()
             return hook
 
         device = next(model.parameters()).device
@@ -190,6 +196,7 @@ class InfLoRA(ContinualMethod):
             with torch.no_grad():
                 for batch in batches:
                     mask[:] = [batch["attention_mask"].bool().to(device)]
+                    products.clear()
                     model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         finally:
             for handle in handles:
