@@ -174,7 +174,9 @@ def test_sigint_then_resume_gives_the_uninterrupted_results(tiny_folder, tmp_pat
     command = [sys.executable, "-m", "slicelora.cli", "run", "-o", str(out_dir), "--model", str(tiny_folder),
                *sets(*settings)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job inherits SIGINT ignored, and Python then keeps it ignored: give the child the default
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out_dir / "stages" / "01" / "scores.json").exists() and process.poll() is None:
         assert time.monotonic() < deadline
