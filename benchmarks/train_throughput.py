@@ -46,7 +46,7 @@ def cl_costs(args, task, examples, cfg: TrainSection, plain_seconds: float) -> d
     olora = OLoRA(run_config)
     g = torch.Generator().manual_seed(0)
     for t in range(args.past_stages):
-        olora.after_stage(Stage(t + 1, [], []), {name: (torch.randn(a.shape, generator=g) * 0.02, None)
+        olora.after_stage(Stage(t + 1, [], []), {f"{name}.A": torch.randn(a.shape, generator=g) * 0.02
                                                    for name, a in lora_a_weights(model).items()})
     start = time.perf_counter()
     train_adapter(model, tokenizer, examples, cfg, Accelerator(cpu=True), seed=0, penalty=lambda: olora.penalty(model))

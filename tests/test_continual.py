@@ -32,7 +32,7 @@ def test_olora_loss_equals_a_direct_computation(model):
     past = [{name: torch.randn(4, a.shape[1], generator=g) for name, a in lora_a_weights(peft_model).items()}
             for _ in range(2)]
     for t, anchors in enumerate(past, start=1):
-        method.after_stage(Stage(t, [], []), {name: (a, None) for name, a in anchors.items()})
+        method.after_stage(Stage(t, [], []), {f"{name}.A": a for name, a in anchors.items()})
     expected = 0.0
     for name, a in lora_a_weights(peft_model).items():
         for anchors in past:

@@ -32,7 +32,7 @@ from ..init.gradients import canonical_name, oriented, target_layers
 if TYPE_CHECKING:  # the run config names the registered methods, so it imports this module
     from .config import RunConfig
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # canonical layer name -> (A, B) of the trained adapter
+Factors = dict[str, torch.Tensor]  # the trained adapter's "<canonical layer name>.A" / ".B" (init.adapter_factors)
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,10 @@ class OLoRA(ContinualMethod):
         return self.config.cl.olora_lambda * torch.stack(terms).sum()
 
     def after_stage(self, stage: Stage, trained: Factors) -> None:
-        for name, (a, _) in trained.items():
-            a = a.detach().float().cpu()
+        for key, a in trained.items():
+            if not key.endswith(".A"):
+                continue
+            name, a = key.removesuffix(".A"), a.float()
             self.anchors[name] = torch.cat([self.anchors[name], a]) if name in self.anchors else a
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
 from ..eval.tasks import evaluate_task
 from ..init import InitConfig, InitReport, absorb_factors, adapter_factors, get_init, init_adapter
-from ..init.gradients import canonical_name, is_transposed, target_layers
+from ..init.gradients import is_transposed, target_layers
 from ..io import remove_temporaries, write_json, write_text, write_with
 from ..models import load_model, peft_wrapping, resolve_targets
 from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict, library_init_config
@@ -408,7 +408,7 @@ def _train(ctx: _Run, model: PeftModel, stage: Stage, source: Path | None) -> tu
         curve = json.loads((source / TRAIN_FILE).read_text())
         seconds = time.perf_counter() - start
     for method in ctx.methods:
-        method.after_stage(stage, trained_factors(model))
+        method.after_stage(stage, adapter_factors(model))
     _fault_point(stage.number, "train")
     return curve, seconds
 
@@ -479,12 +479,6 @@ def _summed_penalty(methods: list[ContinualMethod], model: PeftModel) -> Callabl
         terms = [term for term in (m.penalty(model) for m in methods) if term is not None]
         return torch.stack(terms).sum() if terms else None
     return total
-
-
-def trained_factors(model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Canonical layer name -> (A, B) of the adapter as trained, before the merge."""
-    return {canonical_name(name): (module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach())
-            for name, module in model.named_modules() if "default" in getattr(module, "lora_A", {})}
 
 
 def _names(methods: list[ContinualMethod]) -> str:
