@@ -1,7 +1,9 @@
 """Train the adapter on one task: AdamW, linear schedule with warmup, gradient accumulation, bf16 autocast.
 
-Data-parallel under accelerate: every rank sees the same global batches and takes its own rows of each, and
-gradients are averaged by DDP at each optimiser step, so N processes follow one process's schedule.
+The loss of an optimiser step is the mean over every predicted token of its micro-batches (on every process), not
+a mean of per-batch means, so a short micro-batch weighs no more than its tokens. Data-parallel under accelerate:
+every rank sees the same global batches and takes its own rows of each, and gradients are averaged by DDP at each
+optimiser step, so N processes follow one process's schedule.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 def rank_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     """This rank's rows of a global batch (all rows with one process)."""
     return {k: batch[k][rank::world] for k in MODEL_INPUTS}
+
+
+def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens a batch's loss averages over: the labels after the causal shift that are not ignored."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def _diverged(loss: float, norm: float, accelerator: Accelerator) -> bool:
@@ -94,14 +101,20 @@ def train_adapter(
     for batches in epochs:
         for start_idx in range(0, len(batches), cfg.grad_accum):
             group = batches[start_idx:start_idx + cfg.grad_accum]
-            step_loss = 0.0
-            for i, batch in enumerate(group):
-                inputs = {k: v.to(accelerator.device) for k, v in rank_rows(batch, rank, world).items()}
+            rows = [rank_rows(batch, rank, world) for batch in group]
+            # Each micro-batch's mean loss weighs by its share of the step's tokens (all ranks': every rank sees the
+            # global batches); x world because DDP averages over ranks. One micro-batch on one process: weight 1.0.
+            step_tokens = sum(predicted_tokens(batch) for batch in group)
+            local_tokens = [predicted_tokens(r) for r in rows]
+            step_loss = 0.0  # this rank's token mean, for the curve
+            for i, local in enumerate(rows):
+                inputs = {k: v.to(accelerator.device) for k, v in local.items()}
                 sync = i == len(group) - 1
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)), \
                         torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = wrapped(**inputs).loss / len(group)
-                step_loss += loss.item()
+                    mean = wrapped(**inputs).loss
+                step_loss += mean.item() * (local_tokens[i] / max(sum(local_tokens), 1))
+                loss = mean * (local_tokens[i] * world / step_tokens)
                 extra = penalty() if sync and penalty is not None else None
                 if extra is not None:  # in the step's last backward, so DDP reduces it with the rest
                     penalties.append(extra.item())
