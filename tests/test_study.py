@@ -15,7 +15,7 @@ from conftest import kill_at
 from slicelora.errors import ConfigError, RunStateError
 from slicelora.loop.stages import run
 from slicelora.study import load_study, parse_study, run_study
-from slicelora.study.plan import count_work
+from slicelora.study.plan import count_work, wall_seconds
 
 # 2 variants x 2 seeds x 2 tasks. SLICE's gate is open (tau = 1), so its stage 2 projects and differs from
 # LoRA-GA's, while its stage 1 (no replay yet) is LoRA-GA's and is shared.
@@ -62,6 +62,19 @@ def test_plan_counts_the_shared_stages(tiny_folder):
     # predicted from settings: the two SLICE variants share their stage 1 (no replay, so c and tau unused); that
     # it equals LoRA-GA's is known only from the factors, at run time
     assert sum(work.stages.values()) == 12 and len(work.stages) == 10
+    # groups partition the grid: their work adds up to the whole
+    study = parse_study(grid)
+    parts = [count_work(study.group(seq, seed)) for seq, seed in study.groups()]
+    assert sum(len(p.stages) for p in parts) == len(work.stages)
+    assert sum(p.train_batches for p in parts) == work.train_batches
+
+
+def test_wall_time_follows_the_groups_schedule():
+    """Workers take whole groups in order: 3 equal groups on 2 workers take 2 groups' time, not 1.5."""
+    assert wall_seconds([10.0, 10.0, 10.0], 2) == 20.0
+    assert wall_seconds([10.0, 10.0, 10.0], 3) == 10.0
+    assert wall_seconds([30.0, 10.0, 10.0, 10.0], 2) == 30.0  # the short groups go to the free worker
+    assert wall_seconds([5.0], 8) == 5.0
 
 
 WORKER = ("import sys; from slicelora.study import parse_study, run_study; import json;"

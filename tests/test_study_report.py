@@ -255,7 +255,7 @@ def test_unstarted_and_broken_cells_are_reported(tmp_path):
     assert [p.name for p in written] == ["study.csv", "study.md"]  # nothing to plot
     md = (root / "study.md").read_text()
     assert "0 of 8 cells complete." in md
-    assert "| seqA | slice-c1.0 | 0 | not started |" in md
+    assert "| seqA | slice-c1.0 | 0 | no stage finished |" in md
     assert "| seqA | lora_ga | 0 | unreadable: " in md and "not valid JSON" in md
     assert "No SLICE cell has finished a stage >= 2." in md
     assert "No finished stage records its timing" in md

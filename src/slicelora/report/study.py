@@ -61,7 +61,7 @@ class CellResult:
     seed: int
     path: Path
     run: Run | None
-    status: str  # "complete", "unfinished (t/N stages)", "missing", "not started" or "unreadable: ..."
+    status: str  # "complete", "unfinished (t/N stages)", "missing", "no stage finished" or "unreadable: ..."
 
     @property
     def complete(self) -> bool:
@@ -140,7 +140,7 @@ def _read_cell(study_dir: Path, entry: Any, where: str) -> CellResult:
         return cell
     try:
         if not finished_stages(path):
-            cell.status = "not started"
+            cell.status = "no stage finished"  # running its first stage, or stopped in it
             return cell
         cell.run = read_run(path)
     except DataError as e:
@@ -152,8 +152,9 @@ def _read_cell(study_dir: Path, entry: Any, where: str) -> CellResult:
 
 
 def read_study_results(study_dir: str | Path) -> StudyResults:
-    """Read STUDY/study.json and every cell's run folder; a cell whose folder is missing, not started, unfinished
-    or unreadable keeps that status (and its run, where it has finished stages) instead of failing the study."""
+    """Read STUDY/study.json and every cell's run folder; a cell whose folder is missing, has no finished stage, is
+    unfinished or unreadable keeps that status (and its run, where it has finished stages) instead of failing the
+    study."""
     study_dir = Path(study_dir)
     path = study_dir / "study.json"
     if not path.is_file():

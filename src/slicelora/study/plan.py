@@ -10,6 +10,7 @@ SLICE variants' and LoRA-GA's.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import time
@@ -54,6 +55,23 @@ class Work:
     train_batches_all: int
     eval_examples: int
     eval_examples_all: int
+
+    def seconds(self, cost: dict[str, float], shared: bool = True) -> float:
+        """Estimated compute at `cost` (seconds per unit, from `calibrate`), after sharing or without it."""
+        if shared:
+            return (self.gradient_batches * cost["gradient_batch"] + self.train_batches * cost["train_batch"]
+                    + self.eval_examples * cost["eval_example"])
+        return (self.gradient_batches_all * cost["gradient_batch"] + self.train_batches_all * cost["train_batch"]
+                + self.eval_examples_all * cost["eval_example"])
+
+
+def wall_seconds(group_seconds: list[float], workers: int) -> float:
+    """When the last of `workers` finishes, each taking the next group in order as soon as it is free (as the
+    study's workers claim groups)."""
+    free = [0.0] * max(workers, 1)
+    for seconds in group_seconds:
+        heapq.heappush(free, heapq.heappop(free) + seconds)
+    return max(free)
 
 
 def count_work(study: Study) -> Work:
@@ -204,15 +222,15 @@ def _plan(study: Study, workers: int, measure: bool) -> tuple[str, float]:
               f"- scored examples: {work.eval_examples_all} asked, {work.eval_examples} computed"]
     if measure:
         cost = calibrate(study)
-        seconds = (work.gradient_batches * cost["gradient_batch"] + work.train_batches * cost["train_batch"]
-                   + work.eval_examples * cost["eval_example"])
-        alone = (work.gradient_batches_all * cost["gradient_batch"] + work.train_batches_all * cost["train_batch"]
-                 + work.eval_examples_all * cost["eval_example"])
+        seconds, alone = work.seconds(cost), work.seconds(cost, shared=False)
+        per_group = [count_work(study.group(seq, seed)).seconds(cost) for seq, seed in study.groups()]
         lines += ["", "## Estimate (calibrated on this machine, one thread per worker)", "",
                   f"- per training batch {cost['train_batch']:.2f} s, per gradient batch "
                   f"{cost['gradient_batch']:.2f} s, per scored example {cost['eval_example']:.2f} s",
                   f"- compute: {seconds / 60:.0f} min with sharing ({alone / 60:.0f} min without); wall time with "
-                  f"{workers} worker(s): about {seconds / 60 / max(workers, 1):.0f} min, plus model loading and "
-                  "GP/IP evaluation when enabled"]
+                  f"{workers} worker(s): about {wall_seconds(per_group, workers) / 60:.0f} min (a worker takes a "
+                  f"whole (sequence, seed) group: {len(per_group)} groups of about "
+                  f"{sum(per_group) / len(per_group) / 60:.0f} min), plus model loading and GP/IP evaluation when "
+                  "enabled"]
         return "\n".join(lines) + "\n", seconds
     return "\n".join(lines) + "\n", 0.0

@@ -78,16 +78,12 @@ def finished_cells(study: Study, out: Path) -> int:
     return sum(cell_done(study, out, c) for c in study.cells())
 
 
-def groups(study: Study) -> list[tuple[str, int]]:
-    return [(seq, seed) for seq in study.sequences for seed in study.seeds]
-
-
 def run_cells(study: Study, out: Path, *, session: str | None = None, accelerator=None, log=print) -> list[str]:
     """Run every unfinished cell, group by group. With `session`, only groups this process claims first (other
     workers of the same session take the rest). A cell that stops with our error (a diverging stage, memory, ...)
     is logged and left for --resume while the other cells go on; returns the failed cells' folders."""
     failed = []
-    for seq, seed in groups(study):
+    for seq, seed in study.groups():
         cells = [c for c in study.cells() if (c.sequence, c.seed) == (seq, seed)]
         if all(cell_done(study, out, c) for c in cells) or (session and not _claim(out, session, seq, seed)):
             continue

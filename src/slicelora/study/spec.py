@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,14 @@ class Study:
     def cells(self) -> list[Cell]:
         """Every cell, grouped by (sequence, seed) so that cells that can share work run close together."""
         return [Cell(seq, variant, seed) for seq in self.sequences for seed in self.seeds for variant in self.variants]
+
+    def groups(self) -> list[tuple[str, int]]:
+        """The (sequence, seed) groups, in order: a worker claims a whole group, whose cells share work."""
+        return [(seq, seed) for seq in self.sequences for seed in self.seeds]
+
+    def group(self, sequence: str, seed: int) -> Study:
+        """The study restricted to one group."""
+        return replace(self, sequences={sequence: self.sequences[sequence]}, seeds=[seed])
 
     def config(self, cell: Cell) -> RunConfig:
         """The run config of a cell: the paper's defaults, the base, the variant, then the grid's sequence and seed."""
