@@ -215,6 +215,30 @@ def test_superni_generation_detected(tmp_path: Path) -> None:
     assert all(ex.references == (ex.source, ex.source.upper()) for ex in task.train)
 
 
+@pytest.mark.parametrize("languages, native", [
+    ({}, "official_rouge_l"),  # no language fields: English, the default track
+    ({"Input_language": ["English"], "Output_language": "English"}, "official_rouge_l"),
+    ({"Input_language": ["English"], "Output_language": ["German"]}, "official_rouge_l_xlingual"),
+    ({"Input_language": ["Chinese", "English"], "Output_language": ["English"]}, "official_rouge_l_xlingual"),
+])
+def test_superni_track_follows_the_languages(tmp_path: Path, languages: dict, native: str) -> None:
+    """Like the official evaluation, a task whose input or output is not only English is scored on the xlingual
+    track; classification tasks keep exact match, which has no track of its own."""
+    data = {"Definition": "Echo.", **languages,
+            "Instances": [{"input": f"w{i}", "output": [f"w{i}"]} for i in range(20)]}
+    assert load_task(write_json(tmp_path / "task900_echo.json", data), heldout_size=5).native_metric == native
+    folder = tmp_path / "split" / "task901_labels"
+    write_json(folder / "train.json", {**superni(12), **languages})
+    write_json(folder / "test.json", superni(3))
+    assert load_task(folder).native_metric == "official_exact_match"
+
+
+def test_superni_language_field_must_name_languages(tmp_path: Path) -> None:
+    data = {**superni(12), "Output_language": {"name": "German"}}
+    with pytest.raises(DataError, match=r"task902_bad.json: field 'Output_language' must be a language name or a list"):
+        load_task(write_json(tmp_path / "task902_bad.json", data))
+
+
 def test_superni_split_folder(tmp_path: Path) -> None:
     folder = tmp_path / "superni" / "task042_toy"
     write_json(folder / "train.json", superni(12))

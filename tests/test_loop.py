@@ -182,6 +182,32 @@ def test_config_errors(tmp_path):
     assert (config.init.method, config.train.lr, config.train.epochs) == ("lora_ga", 3e-4, 2)
 
 
+def test_a_metric_that_cannot_load_stops_the_run_before_training(tiny_folder, tmp_path, monkeypatch):
+    """A German generation task scored natively needs GPT-2's tokenizer (the xlingual ROUGE-L): without it the run
+    stops before anything is trained or written."""
+    from transformers import AutoTokenizer
+
+    from slicelora.eval import scoring
+
+    task = tmp_path / "data" / "task900_german_echo.json"
+    task.parent.mkdir()
+    task.write_text(json.dumps({"Definition": "Echo.", "Output_language": ["German"],
+                                "Instances": [{"input": f"Wort {i}", "output": [f"Wort {i}"]} for i in range(20)]}))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    scoring._xlingual_rouge.cache_clear()
+    config = small_config(tiny_folder, "sequence=[900]", f"data_dirs=[{task.parent}]", "eval.scoring=native")
+    try:
+        with pytest.raises(ConfigError, match="official_rouge_l_xlingual"):
+            run(config, tmp_path / "run")
+    finally:
+        scoring._xlingual_rouge.cache_clear()
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_multitask_reference_learns_every_task_in_one_stage(tiny_folder, tmp_path):
     from slicelora.report.plots import write_report
 

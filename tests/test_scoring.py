@@ -5,14 +5,31 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rouge_score import rouge_scorer
+from transformers import AutoTokenizer
 
 from slicelora.errors import ConfigError, DataError
-from slicelora.eval.scoring import METRICS, normalize_squad, sari_tokens, score
+from slicelora.eval import scoring
+from slicelora.eval.scoring import METRICS, XLINGUAL_TOKENIZER, load_metric, normalize_superni, sari_tokens, score
+
+
+class CharPieces:
+    """A stand-in for GPT-2's tokenizer: one piece per non-space character, marked "Ġ" after a space."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return [("Ġ" if i and text[i - 1] == " " else "") + ch for i, ch in enumerate(text) if ch != " "]
+
+
+@pytest.fixture
+def xlingual_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The xlingual ROUGE-L on CharPieces, so that it runs without GPT-2's tokenizer files."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=scoring._XlingualWords(CharPieces()))
+    monkeypatch.setattr(scoring, "_xlingual_rouge", lambda: scorer)
 
 
 def test_metric_names_match_the_brief():
     assert set(METRICS) == {"exact_match", "rouge_l", "official_exact_match", "official_rouge_l",
-                            "accuracy", "fuzz_ratio", "sari"}
+                            "official_rouge_l_xlingual", "accuracy", "fuzz_ratio", "sari"}
 
 
 def test_unknown_metric_lists_valid_names():
@@ -39,24 +56,103 @@ def test_exact_match(pred, refs, want):
     assert score("exact_match", pred, refs) == want
 
 
+# Computed by the official Super-NI evaluation script, allenai/natural-instructions eval/automatic/evaluation.py at
+# commit 8540acd3faaea51b4a379570b542e9123904cac2: its functions (normalize_answer .. compute_metrics) saved unchanged
+# outside this repository, with rouge_score 0.1.2 as its `rouge` module and GPT-2's tokenizer files (vocab.json
+# sha256 196139668be6..., merges.txt 1ce1664773c5...) as its "gpt2". Each row: prediction, references, then
+# 100 * metric_max_over_ground_truths(f, prediction, references) for f = exact_match, rouge, rouge with xlingual=True.
+NI_VALUES = [
+    ("the cat", ["cat"], 0.0, 66.66666666666666, 66.66666666666666),  # articles are kept
+    ("A dog barked.", ["dog barked"], 0.0, 80.0, 74.99999999999999),
+    ("  The  Cat!\n", ["the cat"], 100.0, 100.0, 0.0),  # case, whitespace, punctuation; xlingual keeps case
+    ("don't stop", ["dont stop"], 100.0, 40.0, 33.33333333333333),  # punctuation dropped, not a space, in EM
+    ("A-B c", ["ab c"], 100.0, 40.0, 33.33333333333333),
+    ("\u201cquoted\u201d", ["quoted"], 0.0, 100.0, 50.0),  # curly quotes are not ASCII punctuation
+    ("no", ["yes", "The no."], 0.0, 66.66666666666666, 50.0),  # max over references
+    ("", ["cat"], 0.0, 0.0, 0.0),
+    ("", ["..."], 100.0, 0.0, 0.0),  # a punctuation-only reference normalises to "", as an empty prediction does
+    ("cats running", ["cat runs"], 0.0, 100.0, 0.0),  # stemming (default track only)
+    ("The cats are running fast", ["cat runs"], 0.0, 57.14285714285715, 0.0),
+    ("generously given", ["generous gift"], 0.0, 50.0, 33.33333333333333),
+    ("the cat sat on the mat", ["the cat lay on the mat"], 0.0, 83.33333333333334, 83.33333333333334),
+    ("HELLO World", ["hello world"], 100.0, 100.0, 0.0),
+    ("3.14", ["314"], 100.0, 0.0, 0.0),  # numbers: EM drops the point, ROUGE splits on it
+    ("1,000 apples", ["1000 apples"], 100.0, 40.0, 33.33333333333333),
+    ("12 apples", ["twelve apples"], 0.0, 50.0, 40.0),
+    ("Die Straße ist schön", ["die straße ist schön"], 100.0, 100.0, 75.0),  # German: EM lowercases Unicode,
+    ("Die Straße ist schön", ["Die Strasse ist schön"], 0.0, 72.72727272727272, 66.66666666666666),  # ROUGE drops ß
+    ("Über den Wolken", ["über den wolken"], 100.0, 100.0, 50.0),
+    ("我爱北京", ["我爱北京"], 100.0, 0.0, 100.0),  # Chinese: no default-track tokens at all
+    ("我爱北京天安门", ["我爱北京"], 0.0, 0.0, 78.26086956521739),
+    ("北京", ["上海", "北京。"], 0.0, 0.0, 88.8888888888889),
+    ("Ich habe 3 Äpfel gegessen", ["Ich habe drei Äpfel gegessen"], 0.0, 80.00000000000001, 85.71428571428571),
+]
+# The same script's compute_metrics over all rows (mean x 100, rounded to 4 places), default and xlingual track.
+NI_MEANS = {"default": (41.6667, 55.2724), "xlingual": (41.6667, 43.4527)}
+
+
+@pytest.mark.parametrize("pred, refs, em, rouge, _", NI_VALUES)
+def test_official_metrics_equal_superni_script(pred, refs, em, rouge, _):
+    assert score("official_exact_match", pred, refs) == em
+    assert score("official_rouge_l", pred, refs) == pytest.approx(rouge, abs=1e-9)
+
+
+def test_official_means_equal_superni_compute_metrics():
+    em = [score("official_exact_match", p, r) for p, r, *_ in NI_VALUES]
+    rouge = [score("official_rouge_l", p, r) for p, r, *_ in NI_VALUES]
+    assert (round(sum(em) / len(em), 4), round(sum(rouge) / len(rouge), 4)) == NI_MEANS["default"]
+
+
+@pytest.fixture
+def gpt2_cached() -> None:
+    try:
+        AutoTokenizer.from_pretrained(XLINGUAL_TOKENIZER, local_files_only=True)
+    except OSError:
+        pytest.skip(f"the Hugging Face tokenizer {XLINGUAL_TOKENIZER!r} is not cached here (no network to fetch it)")
+
+
+def test_official_xlingual_rouge_equals_superni_script(gpt2_cached):
+    got = [score("official_rouge_l_xlingual", p, r) for p, r, *_ in NI_VALUES]
+    assert got == pytest.approx([row[4] for row in NI_VALUES], abs=1e-9)
+    assert round(sum(got) / len(got), 4) == NI_MEANS["xlingual"][1]
+
+
+def test_xlingual_rouge_mechanics(xlingual_stub):
+    """On one-piece-per-character tokens (CharPieces): the space mark is stripped, case is kept, nothing is stemmed,
+    and non-ASCII text has tokens."""
+    assert score("official_rouge_l_xlingual", "a b", ["ab"]) == 100.0  # [a, Ġb] -> [a, b]
+    # C a t s vs c a t s: LCS "ats" = 3, P = R = 3/4; the default track lowercases.
+    assert score("official_rouge_l_xlingual", "Cats", ["cats"]) == pytest.approx(75.0)
+    assert score("official_rouge_l", "Cats", ["cats"]) == 100.0
+    # 7 pieces vs 4, LCS 4: P = 4/7, R = 1, F = (8/7)/(11/7) = 8/11; the default track has no tokens here.
+    assert score("official_rouge_l_xlingual", "我爱北京天安门", ["上海", "我爱北京"]) == pytest.approx(800 / 11)
+    assert score("official_rouge_l", "我爱北京天安门", ["我爱北京"]) == 0.0
+
+
+def test_xlingual_rouge_without_its_tokenizer_is_a_config_error(monkeypatch: pytest.MonkeyPatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    scoring._xlingual_rouge.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"needs the Hugging Face tokenizer 'gpt2'.*no network.*scoring: paper"):
+            load_metric("official_rouge_l_xlingual")
+    finally:
+        scoring._xlingual_rouge.cache_clear()
+
+
+# normalize_answer of the script above on each text.
 @pytest.mark.parametrize("text, want", [
-    ("The Cat!", "cat"),
-    ("an apple, please.", "apple please"),
+    ("The Cat!", "the cat"),
+    ("an apple, please.", "an apple please"),
     ("A-B  c", "ab c"),                       # punctuation removed, not replaced by a space
-    ("theory of the anthem", "theory of anthem"),  # articles only as whole words
+    ("theory of the anthem", "theory of the anthem"),  # articles kept (SQuAD's normalisation drops them)
+    ("Straße, ÜBER!", "straße über"),
+    ("\u201cquoted\u201d", "\u201cquoted\u201d"),  # only ASCII punctuation goes
 ])
-def test_squad_normalisation(text, want):
-    assert normalize_squad(text) == want
-
-
-@pytest.mark.parametrize("pred, refs, want", [
-    ("The cat!", ["cat"], 100.0),
-    ("an apple, please.", ["Apple please"], 100.0),
-    ("cats", ["cat"], 0.0),
-    ("no", ["yes", "The no."], 100.0),
-])
-def test_official_exact_match(pred, refs, want):
-    assert score("official_exact_match", pred, refs) == want
+def test_superni_normalisation(text, want):
+    assert normalize_superni(text) == want
 
 
 def test_rouge_l_hand_worked():
@@ -159,13 +255,13 @@ def test_sari_tokens_are_case_and_punctuation_aware():
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))
-def test_scores_lie_in_0_100(metric):
+def test_scores_lie_in_0_100(metric, xlingual_stub):
     for pred, refs, src in [("", ["x"], "y"), ("x y z", ["x y z"], "x y z"), ("1", ["2", "1"], "")]:
         assert 0.0 <= score(metric, pred, refs, source=src) <= 100.0
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))
-def test_an_empty_reference_earns_no_perfect_score(metric):
+def test_an_empty_reference_earns_no_perfect_score(metric, xlingual_stub):
     """An empty prediction against an empty reference is refused, not scored 100; blank references are ignored."""
     for references in ([""], ["  ", "\n"]):
         with pytest.raises(DataError, match="no references"):

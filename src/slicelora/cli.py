@@ -256,13 +256,14 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
     stage: Annotated[Optional[int], typer.Option(help="The stage to export (default: the last finished one).")] = None,
     merged: Annotated[Optional[Path], typer.Option(help="Write the model after the stage here (a new or empty folder): AutoModelForCausalLM loads it.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Write the stage's change here as a PEFT LoRA adapter: DIR/adapter, on DIR/base (the model before the stage).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Write the stage's change here as a PEFT LoRA adapter: DIR/adapter, on DIR/base (the model before the stage; named in the adapter's config by its absolute path, so after moving the pair load it with PeftModel.from_pretrained(base, adapter)).")] = None,
+    dtype: Annotated[str, typer.Option(help="The saved tensors' dtype: auto (the run's base model's, from its config.json), float32, bfloat16 or float16.")] = "auto",
 ) -> None:
     """Export a finished stage as standard Hugging Face folders: the merged model and/or the stage's LoRA adapter."""
     from .export import export_stage
 
     with _handled():
-        written = export_stage(run_dir, stage, merged=merged, adapter=adapter)
+        written = export_stage(run_dir, stage, merged=merged, adapter=adapter, dtype=dtype)
     console.print("written: " + ", ".join(str(p) for p in written), markup=False)
 
 

@@ -3,12 +3,16 @@
 - merged: the model after stage t (safetensors, config, tokenizer, generation config, a README.md model card with
   the run's settings and scores), which `AutoModelForCausalLM.from_pretrained` loads.
 - adapter: stage t's weight change as a standard PEFT LoRA adapter, `DIR/adapter`, on the model after stage t-1,
-  exported beside it as `DIR/base` (its `base_model_name_or_path`). An absorbing init's trained adapter (B, A)
-  fits W - s B0 A0, not the merged model W, so on W the stage's change is s (B A - B0 A0): one rank-2r LoRA with
-  A' = [A; A0], B' = [B, -B0] and the same scaling s (lora_alpha set for rank 2r).
+  exported beside it as `DIR/base`. An absorbing init's trained adapter (B, A) fits W - s B0 A0, not the merged
+  model W, so on W the stage's change is s (B A - B0 A0): one rank-2r LoRA with A' = [A; A0], B' = [B, -B0] and the
+  same scaling s (lora_alpha set for rank 2r). Its `base_model_name_or_path` is DIR/base as an absolute path: PEFT
+  (AutoPeftModelForCausalLM) passes that field to `from_pretrained` as it is, so a relative path would be read
+  against the current directory, not the adapter folder. A moved pair loads with
+  `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("NEW/base"), "NEW/adapter")`.
 
 Each export is written into a hidden temporary sibling folder and renamed into place, so a folder is complete or
-absent. Weights are float32, rebuilt on the CPU from the run folder's files (as `--resume` does).
+absent. Models are rebuilt in float32 on the CPU from the run folder's files (as `--resume` does), then every saved
+tensor is cast to the export dtype: by default ("auto") that of the run's base model.
 """
 
 from __future__ import annotations
@@ -30,16 +34,19 @@ from .init.gradients import canonical_name
 from .loop.runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, FACTORS_FILE, INIT_FILE, SCORES_FILE, TRAIN_FILE, Run,
                              is_run_folder, read_run, stage_dir, stage_finished)
 from .loop.stages import merged_model, stage_absorbs
+from .models import resolve_model_path
 
 STAGE_FILES = (f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", INIT_FILE, TRAIN_FILE,
                SCORES_FILE)  # what rebuilding a stage reads (and the init's factors when it absorbs)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def export_stage(run_dir: str | Path, stage: int | None = None, *, merged: str | Path | None = None,
-                 adapter: str | Path | None = None) -> list[Path]:
+                 adapter: str | Path | None = None, dtype: str = "auto") -> list[Path]:
     """Write the model after `stage` (default: the last finished stage) to `merged` and/or the stage's change as a
-    LoRA adapter to `adapter` (`adapter/adapter` on `adapter/base`); returns the folders written. Every input is
-    checked before anything is written."""
+    LoRA adapter to `adapter` (`adapter/adapter` on `adapter/base`), with tensors in `dtype` ("auto", "float32",
+    "bfloat16" or "float16"; see `export_dtype`); returns the folders written. Every input is checked before anything
+    is written."""
     run_dir = Path(run_dir)
     if merged is None and adapter is None:
         raise ConfigError("export: give --merged DIR (the model after the stage) and/or --adapter DIR (the stage's "
@@ -47,6 +54,7 @@ def export_stage(run_dir: str | Path, stage: int | None = None, *, merged: str |
     run = _read_finished_run(run_dir)
     stage = run.stages_done if stage is None else stage
     _check_stage(run, stage)
+    torch_dtype = export_dtype(run, dtype)
     outputs = [Path(p) for p in (merged, adapter) if p is not None]
     for out in outputs:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -59,10 +67,27 @@ def export_stage(run_dir: str | Path, stage: int | None = None, *, merged: str |
     if merged is not None:
         model, tokenizer = merged_model(run_dir, stage)
         written.append(_write_folder(Path(merged), lambda tmp: _save_model(
-            model, tokenizer, tmp, _card(run, stage, f"the model after stage {stage}"))))
+            model.to(torch_dtype), tokenizer, tmp, _card(run, stage, f"the model after stage {stage}", torch_dtype))))
     if adapter is not None:
-        written.append(_write_folder(Path(adapter), lambda tmp: _save_stage_adapter(run, stage, Path(adapter), tmp)))
+        written.append(_write_folder(Path(adapter), lambda tmp: _save_stage_adapter(
+            run, stage, Path(adapter), tmp, torch_dtype)))
     return written
+
+
+def export_dtype(run: Run, dtype: str) -> torch.dtype:
+    """The exported tensors' dtype: `dtype`, or for "auto" the run's base model's as its config.json records it
+    (`dtype`, or `torch_dtype` as transformers 4 wrote it; float32 when it records none)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}.")
+    if dtype != "auto":
+        return DTYPES[dtype]
+    config_file = resolve_model_path(run.config["model"]) / "config.json"
+    config = json.loads(config_file.read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype auto: the base model's {config_file} records dtype {name!r}, which export does "
+                          f"not write; give --dtype {', '.join(DTYPES)}.")
+    return DTYPES[name]
 
 
 def _read_finished_run(run_dir: Path) -> Run:
@@ -119,12 +144,12 @@ def _save_model(model: torch.nn.Module, tokenizer, folder: Path, card: str) -> N
     (folder / "README.md").write_text(card, encoding="utf-8")
 
 
-def _save_stage_adapter(run: Run, stage: int, final: Path, tmp: Path) -> None:
+def _save_stage_adapter(run: Run, stage: int, final: Path, tmp: Path, dtype: torch.dtype) -> None:
     """`tmp/base`: the model after stage-1; `tmp/adapter`: stage `stage`'s change on it as a standard LoRA adapter,
-    whose base_model_name_or_path is `final/base` (where tmp is renamed to)."""
+    whose base_model_name_or_path is `final/base` (where tmp is renamed to), absolute (see the module docstring)."""
     model, tokenizer = merged_model(run.path, stage - 1)
     before = "the base model (before stage 1)" if stage == 1 else f"the model after stage {stage - 1}"
-    _save_model(model, tokenizer, tmp / "base", _card(run, stage - 1, before))
+    _save_model(model.to(dtype), tokenizer, tmp / "base", _card(run, stage - 1, before, dtype))
     folder = stage_dir(run.path, stage)
     config = LoraConfig.from_pretrained(str(folder / ADAPTER_DIR))
     weights = load_file(str(folder / ADAPTER_DIR / ADAPTER_WEIGHTS))
@@ -133,11 +158,15 @@ def _save_stage_adapter(run: Run, stage: int, final: Path, tmp: Path) -> None:
     config.base_model_name_or_path = str((final / "base").resolve())
     config.inference_mode = True
     config.save_pretrained(str(tmp / "adapter"))
+    weights = {key: tensor.to(dtype) for key, tensor in weights.items()}
     save_file(weights, str(tmp / "adapter" / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     note = ("The init was absorbed (W - s B0 A0), so this adapter has rank 2r: the trained factors and the "
             "initial ones, B' = [B, -B0], A' = [A; A0], with the run's scaling s.\n\n" if stage_absorbs(folder) else "")
-    card = _card(run, stage, f"stage {stage}'s change as a LoRA adapter on ../base (the model before it)",
-                 library="peft", base=config.base_model_name_or_path, note=note)
+    moved = ("If you move this folder and ../base, load them with `PeftModel.from_pretrained("
+             "AutoModelForCausalLM.from_pretrained(\"NEW/base\"), \"NEW/adapter\")`: this adapter's "
+             "base_model_name_or_path is the absolute path that ../base had at export.\n\n")
+    card = _card(run, stage, f"stage {stage}'s change as a LoRA adapter on ../base (the model before it)", dtype,
+                 library="peft", base=config.base_model_name_or_path, note=note + moved)
     (tmp / "adapter" / "README.md").write_text(card, encoding="utf-8")
 
 
@@ -167,8 +196,8 @@ def _with_absorbed_init(weights: dict[str, torch.Tensor], factors: dict[str, tor
     return out, config
 
 
-def _card(run: Run, stage: int, what: str, library: str = "transformers", base: str | None = None,
-          note: str = "") -> str:
+def _card(run: Run, stage: int, what: str, dtype: torch.dtype, library: str = "transformers",
+          base: str | None = None, note: str = "") -> str:
     """A README.md model card: what the folder holds, the run's scores after `stage` and its settings."""
     config = run.config
     tags = "\n".join(f"- {tag}" for tag in ("slicelora", "continual-learning", "lora"))
@@ -176,7 +205,7 @@ def _card(run: Run, stage: int, what: str, library: str = "transformers", base: 
     lines = [front, f"# {run.path.name}: {what}", "",
              f"{note}Exported by `slicelora export` from the run folder `{run.path.resolve()}`: continual "
              f"fine-tuning of `{config['model']}` with LoRA adapters initialised by `{run.method}` (one adapter per stage, merged "
-             "into the weights after the stage). Weights are float32.", ""]
+             f"into the weights after the stage). Tensors are {str(dtype).removeprefix('torch.')}.", ""]
     if stage >= 1:
         partial = replace(run, R=run.R[:stage], R_loss=None if run.R_loss is None else run.R_loss[:stage])
         lines += [f"Scores after stage {stage} (the protocol's scorers on each task's held-out examples):", "",

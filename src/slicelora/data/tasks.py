@@ -361,6 +361,20 @@ def _superni_definition(data: dict, path: Path) -> str:
     )
 
 
+def _superni_xlingual(data: dict, path: Path) -> bool:
+    """Whether the task belongs to the official evaluation's xlingual track: its input or output language (fields
+    `Input_language`, `Output_language`; English when absent) is not only English."""
+    for field in ("Input_language", "Output_language"):
+        languages = data.get(field, ["English"])
+        languages = [languages] if isinstance(languages, str) else languages
+        if not isinstance(languages, list) or not all(isinstance(lang, str) for lang in languages):
+            raise DataError(f"{path}: field '{field}' must be a language name or a list of them (e.g. [\"English\"]), "
+                            f"got {_kind(languages)}.")
+        if any(lang != "English" for lang in languages):
+            return True
+    return False
+
+
 def _superni_instances(data: dict, path: Path) -> list[tuple[str, tuple[str, ...]]]:
     """(input, outputs) per instance, validated."""
     if "Instances" not in data:
@@ -437,15 +451,22 @@ def _is_classification(examples: Sequence[Example]) -> bool:
     return len(labels) <= MAX_LABELS and 2 * len(labels) <= len(outputs) and short
 
 
-def _superni_task(name: str, path: Path, definition: str, train: list[Example], heldout: list[Example]) -> Task:
+def _superni_task(name: str, path: Path, definition: str, xlingual: bool, train: list[Example],
+                  heldout: list[Example]) -> Task:
+    """A Super-NI task record. Native scoring follows the official evaluation: exact match for classification, else
+    ROUGE-L of its track (default: English tokens, stemmed; xlingual: GPT-2 tokens, see eval/scoring.py)."""
     classification = _is_classification(train)
+    if classification:
+        native = "official_exact_match"
+    else:
+        native = "official_rouge_l_xlingual" if xlingual else "official_rouge_l"
     return Task(
         name=name,
         family="superni",
         train=train,
         heldout=heldout,
         metric="exact_match" if classification else "rouge_l",
-        native_metric="official_exact_match" if classification else "official_rouge_l",
+        native_metric=native,
         path=path,
         definition=definition,
     )
@@ -475,6 +496,7 @@ def _load_superni_file(path: Path, heldout_size: int, seed: int) -> Task:
         _strip_json(path.name) or path.stem,
         path,
         definition,
+        _superni_xlingual(data, path),
         _answerable([_superni_example(definition, *r) for r in train_rows], f"{path} (train split)"),
         _answerable([_superni_example(definition, *r) for r in held_rows], f"{path} (held-out split)"),
     )
@@ -490,6 +512,7 @@ def _load_superni_folder(folder: Path, test_file: Path, test: dict) -> Task:
         folder.name,
         folder,
         definition,
+        _superni_xlingual(train, train_file),
         *(_answerable([_superni_example(definition, *r) for r in _superni_instances(data, file)], str(file))
           for data, file in ((train, train_file), (test, test_file))),
     )

@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from slicelora.errors import ConfigError, DataError
 
@@ -35,14 +36,12 @@ def normalize_simple(text: str) -> str:
 
 
 _PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-def normalize_squad(text: str) -> str:
-    """SQuAD-style normalisation of the official Super-NI evaluation: lowercase, drop ASCII punctuation,
-    drop the articles a/an/the, collapse whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+def normalize_superni(text: str) -> str:
+    """The official Super-NI evaluation's normalisation (SQuAD v1.1's without its article removal): lowercase, drop
+    ASCII punctuation (not replaced by a space), collapse whitespace. Articles stay: "the cat" is not "cat"."""
+    return " ".join("".join(ch for ch in text.lower() if ch not in _PUNCT).split())
 
 
 def exact_match(prediction: str, references: Sequence[str], source: str = "") -> float:
@@ -50,7 +49,7 @@ def exact_match(prediction: str, references: Sequence[str], source: str = "") ->
 
 
 def official_exact_match(prediction: str, references: Sequence[str], source: str = "") -> float:
-    return _best(lambda p, r: 100.0 * (normalize_squad(p) == normalize_squad(r)), prediction, references)
+    return _best(lambda p, r: 100.0 * (normalize_superni(p) == normalize_superni(r)), prediction, references)
 
 
 # --- ROUGE-L -----------------------------------------------------------------------------------------------------
@@ -60,18 +59,57 @@ def _rouge(stem: bool) -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
 
 
-def _rouge_l(prediction: str, reference: str, stem: bool) -> float:
-    # rouge_score's default tokenizer: lowercase, non-[a-z0-9] characters separate tokens (so non-ASCII
-    # letters are dropped); with stemming, Porter-stems tokens longer than 3 characters. Empty side -> 0.
-    return 100.0 * _rouge(stem).score(target=reference, prediction=prediction)["rougeL"].fmeasure
+def _rouge_l(scorer: rouge_scorer.RougeScorer, prediction: str, reference: str) -> float:
+    return 100.0 * scorer.score(target=reference, prediction=prediction)["rougeL"].fmeasure  # empty side -> 0
 
 
 def rouge_l(prediction: str, references: Sequence[str], source: str = "") -> float:
-    return _best(lambda p, r: _rouge_l(p, r, stem=False), prediction, references)
+    """ROUGE-L F1 on rouge_score's default tokens: lowercased runs of [a-z0-9]; every other character separates
+    tokens, so non-ASCII letters are dropped ("schön" -> "sch", Chinese text has no tokens and scores 0)."""
+    return _best(lambda p, r: _rouge_l(_rouge(stem=False), p, r), prediction, references)
 
 
 def official_rouge_l(prediction: str, references: Sequence[str], source: str = "") -> float:
-    return _best(lambda p, r: _rouge_l(p, r, stem=True), prediction, references)
+    """ROUGE-L F1 of the official Super-NI evaluation's default (English) track: `rouge_l`'s tokens, Porter-stemmed
+    when longer than 3 characters."""
+    return _best(lambda p, r: _rouge_l(_rouge(stem=True), p, r), prediction, references)
+
+
+XLINGUAL_TOKENIZER = "gpt2"  # the Hugging Face tokenizer that the official evaluation uses for its xlingual track
+
+
+class _XlingualWords:
+    """The official Super-NI evaluation's xlingual-track tokens: GPT-2's byte-level BPE pieces with the leading-space
+    mark "Ġ" stripped (a lone space piece, "Ġ", becomes an empty token, as there). Case is kept and nothing is
+    stemmed. Non-ASCII characters become byte-level pieces, so text in any script has tokens."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+
+    def tokenize(self, text: str) -> list[str]:
+        return [piece.lstrip("Ġ") for piece in self._tokenizer.tokenize(text)]
+
+
+@lru_cache(maxsize=1)
+def _xlingual_rouge() -> rouge_scorer.RougeScorer:
+    try:
+        try:  # the cached copy, without asking the Hub
+            tokenizer = AutoTokenizer.from_pretrained(XLINGUAL_TOKENIZER, local_files_only=True)
+        except OSError:
+            tokenizer = AutoTokenizer.from_pretrained(XLINGUAL_TOKENIZER)
+    except OSError as e:
+        raise ConfigError(
+            f"metric 'official_rouge_l_xlingual' (non-English Super-NI tasks, eval.scoring: native) needs the "
+            f"Hugging Face tokenizer {XLINGUAL_TOKENIZER!r}, which could not be loaded ({e}). Fix: run once with "
+            "access to the Hugging Face Hub so that it is cached, or score with eval.scoring: paper."
+        ) from e
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_XlingualWords(tokenizer))
+
+
+def official_rouge_l_xlingual(prediction: str, references: Sequence[str], source: str = "") -> float:
+    """ROUGE-L F1 of the official Super-NI evaluation's xlingual track (tasks whose input or output is not English):
+    tokens from GPT-2's tokenizer (`_XlingualWords`), no stemming."""
+    return _best(lambda p, r: _rouge_l(_xlingual_rouge(), p, r), prediction, references)
 
 
 # --- TRACE accuracy ----------------------------------------------------------------------------------------------
@@ -209,18 +247,28 @@ METRICS: dict[str, Scorer] = {
     "rouge_l": rouge_l,
     "official_exact_match": official_exact_match,
     "official_rouge_l": official_rouge_l,
+    "official_rouge_l_xlingual": official_rouge_l_xlingual,
     "accuracy": accuracy,
     "fuzz_ratio": fuzz_ratio,
     "sari": sari,
 }
 
 
-def score(metric: str, prediction: str, references: Sequence[str], source: str = "") -> float:
-    """Score one prediction with the named metric (a key of METRICS); a single string counts as one reference.
-    Empty or whitespace-only references are ignored; an example with no other reference is refused (DataError)."""
+def load_metric(metric: str) -> Scorer:
+    """The scorer of the named metric (a key of METRICS), with what it needs loaded (the xlingual ROUGE-L's GPT-2
+    tokenizer), so that a run can check its metrics before it trains. An unknown name is a ConfigError."""
     scorer = METRICS.get(metric)
     if scorer is None:
         raise ConfigError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    if scorer is official_rouge_l_xlingual:
+        _xlingual_rouge()
+    return scorer
+
+
+def score(metric: str, prediction: str, references: Sequence[str], source: str = "") -> float:
+    """Score one prediction with the named metric (a key of METRICS); a single string counts as one reference.
+    Empty or whitespace-only references are ignored; an example with no other reference is refused (DataError)."""
+    scorer = load_metric(metric)
     if isinstance(references, str):
         references = (references,)
     references = [r for r in references if r.strip()]

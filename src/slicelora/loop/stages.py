@@ -42,6 +42,7 @@ from ..data.sequences import load_sequence
 from ..data.tasks import Example, Task, load_task, search_dirs
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
+from ..eval.scoring import load_metric
 from ..eval.tasks import evaluate_task
 from ..init import InitConfig, InitReport, absorb_factors, adapter_factors, get_init, init_adapter
 from ..init.gradients import is_transposed, target_layers
@@ -339,6 +340,8 @@ def _prepare(config: RunConfig, run_dir: Path, resume: bool, accelerator: Accele
     data_dirs = search_dirs(config.data_dirs, config.data_only)
     tasks = [load_task(ref, data_dirs, heldout_size=config.eval.heldout_size, seed=config.seed,
                        allow_reasoning_variant=config.allow_reasoning_variant) for ref in sequence.tasks]
+    for task in tasks:  # before any training: a metric that cannot be loaded (xlingual ROUGE-L's tokenizer) stops here
+        load_metric(task.metric if config.eval.scoring == "paper" else task.native_metric)
     for task in tasks if main else []:
         if len(task.heldout) < config.eval.examples:
             warnings.warn(f"task {task.name} holds out {len(task.heldout)} examples, fewer than eval.examples="
