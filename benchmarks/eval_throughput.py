@@ -28,7 +28,6 @@ import time
 
 import torch
 
-from slicelora.data import general as general_data
 from slicelora.data.prompts import encode_example, encode_prompt
 from slicelora.data.tasks import Example, load_task
 from slicelora.eval import general as ev
@@ -59,9 +58,7 @@ def task_examples(tasks: list[str], n: int) -> list[Example]:
 
 
 def mc_requests(benchmark: str, n: int, shots: int) -> list[ev.Request]:
-    if benchmark == "hellaswag":
-        return ev.hellaswag_requests(general_data.load_hellaswag(), n, shots, 42)
-    return ev.commonsenseqa_requests(general_data.load_commonsenseqa(), n, shots, 42)
+    return ev.setting_requests(ev.benchmark_setting(benchmark, shots), n, 42)
 
 
 def compare_multiple_choice(model, tokenizer, requests: list[ev.Request], batch_size: int, max_length: int) -> dict:

@@ -66,6 +66,7 @@ def small_run(model: Path, out: Path, *extra: str) -> tuple[int, str]:
     ("general.max_length=2", "general.max_length=2 is not allowed"),
     ("general.benchmarks=hellaswag,mmlu", "general.benchmarks must be a non-empty list of distinct names from"),
     ("general.benchmarks=alpaca,alpaca", "general.benchmarks=alpaca,alpaca is not allowed"),
+    ("general.backend=vllm", "general.backend='vllm'; choose one of native, lm_eval"),
     ("sequence=''", "sequence must be a sequence name or a YAML file"),
     ("train.multitask=true train.replay_examples=4", "the one joint stage has no past tasks to replay"),
 ])

@@ -101,6 +101,10 @@ def test_hellaswag_raw_layout_builds_the_query(tmp_path):
 # --- prompts -----------------------------------------------------------------------------------------------------
 
 
+def _requests(name: str, shots: int, limit: int, seed: int = 42) -> list[ev.Request]:
+    return ev.setting_requests(ev.benchmark_setting(name, shots), limit, seed)
+
+
 def _check_shots(requests, shots: int, limit: int, n: int):
     scored = {r.item for r in requests}
     assert len(requests) == limit == len(scored)
@@ -111,7 +115,7 @@ def _check_shots(requests, shots: int, limit: int, n: int):
 
 def test_few_shot_prompts_hold_k_shots_and_never_a_scored_item():
     hs = data.load_hellaswag()
-    reqs = ev.hellaswag_requests(hs, 30, 5, 42)
+    reqs = _requests("hellaswag", 5, 30)
     _check_shots(reqs, 5, 30, len(hs))
     for r in reqs:
         assert r.prompt.split(ev.SHOT_SEPARATOR) == [
@@ -120,7 +124,7 @@ def test_few_shot_prompts_hold_k_shots_and_never_a_scored_item():
         assert r.choices == hs[r.item].endings and r.gold == hs[r.item].label
 
     csqa = data.load_commonsenseqa()
-    reqs = ev.commonsenseqa_requests(csqa, 30, 5, 42)
+    reqs = _requests("commonsenseqa", 5, 30)
     _check_shots(reqs, 5, 30, len(csqa))
     for r in reqs:
         assert r.prompt.count("Question: ") == 6 and r.prompt.endswith(ev._csqa_question(csqa[r.item]))
@@ -129,31 +133,30 @@ def test_few_shot_prompts_hold_k_shots_and_never_a_scored_item():
             assert f"{ev._csqa_question(csqa[j])} {csqa[j].labels[csqa[j].answer]}" in r.prompt
 
     alpaca = data.load_alpaca()
-    reqs = ev.alpaca_requests(alpaca, 20, 5, 42)
+    reqs = _requests("alpaca", 5, 20)
     _check_shots(reqs, 5, 20, len(alpaca))
     for r in reqs:
         assert r.prompt.count("Instruction: ") == 6 and r.prompt.endswith("\nResponse:")
         assert r.gold == alpaca[r.item].output and f"Response: {r.gold}" not in r.prompt
 
-    bbh = data.load_bbh_object_counting()
-    reqs = ev.bbh_requests(bbh, 10, data.load_bbh_cot_prompt(), 42)
+    reqs = _requests("bbh_object_counting", 3, 10)
     assert all(r.prompt.count("Q: ") == 4 and r.prompt.endswith("A: Let's think step by step.") for r in reqs)
 
 
 def test_zero_shot_prompts_and_the_scored_subset():
     alpaca = data.load_alpaca()
-    zero = ev.alpaca_requests(alpaca, 20, 0, 42)
-    few = ev.alpaca_requests(alpaca, 20, 5, 42)
+    zero = _requests("alpaca", 0, 20)
+    few = _requests("alpaca", 5, 20)
     assert [r.item for r in zero] == [r.item for r in few]  # GP and IP score the same items
-    assert [r.item for r in ev.alpaca_requests(alpaca, 5, 0, 42)] == [r.item for r in zero][:5]
-    assert [r.item for r in ev.alpaca_requests(alpaca, 20, 0, 7)] != [r.item for r in zero]
+    assert [r.item for r in _requests("alpaca", 0, 5)] == [r.item for r in zero][:5]
+    assert [r.item for r in _requests("alpaca", 0, 20, 7)] != [r.item for r in zero]
     for r in zero:
         item = alpaca[r.item]
         assert r.shots == () and r.prompt == (f"{item.instruction}\n\n{item.input}" if item.input else item.instruction)
-    bbh = ev.bbh_requests(data.load_bbh_object_counting(), 250, None, 42)
+    bbh = _requests("bbh_object_counting", 0, 250)
     assert sorted(r.item for r in bbh) == list(range(250))  # BBH needs no pool: every item can be scored
     with pytest.raises(ConfigError):
-        ev.alpaca_requests(alpaca, 10, ev.POOL_SIZE + 1, 42)
+        _requests("alpaca", ev.POOL_SIZE + 1, 10)
 
 
 @pytest.mark.parametrize(
@@ -178,8 +181,7 @@ def test_extract_count(text, cot, expected):
 @pytest.mark.parametrize(("shots", "max_length"), [(0, 1024), (2, 1024), (2, 192)])
 def test_multiple_choice_picks_equal_the_pair_by_pair_route(tokenizer, shots, max_length):
     model = tiny_llama(tokenizer, seed=3, initializer_range=0.2)
-    for requests in (ev.hellaswag_requests(data.load_hellaswag(), 4, shots, 42),
-                     ev.commonsenseqa_requests(data.load_commonsenseqa(), 4, shots, 42)):
+    for requests in (_requests("hellaswag", shots, 4), _requests("commonsenseqa", shots, 4)):
         flat = iter(sequence_logprobs(model, tokenizer, [r.prompt for r in requests for _ in r.choices],
                                       [ev.TARGET_DELIMITER + c for r in requests for c in r.choices], 3,
                                       max_length=max_length))

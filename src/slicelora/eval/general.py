@@ -14,16 +14,20 @@ Benchmarks and scores, each in 0..100:
 Each benchmark scores a seeded fixed subset of `limit` items. Few-shot examples come from a separate seeded pool of
 POOL_SIZE items that are never scored (BBH's shots are the fixed CoT prompt), so the scored items of GP and IP are
 the same, and a smaller limit scores a prefix of a larger one's items.
+
+Two backends run the same items, prompts and scorers: "native" (this module: `choice_logprobs` and `generate`) and
+"lm_eval" (`lm_eval_backend`: lm-evaluation-harness, an optional extra). Each item is a `Doc` (its text, answer,
+gold and choices) and each benchmark a `Setting`; both backends build their prompts from these.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..data import general as data
 from ..errors import ConfigError
@@ -31,6 +35,9 @@ from .generate import choice_logprobs, generate
 from .scoring import score
 
 BENCHMARKS = ("hellaswag", "commonsenseqa", "bbh_object_counting", "alpaca")
+METRICS = {"hellaswag": ("acc_norm", "acc"), "commonsenseqa": ("acc",), "bbh_object_counting": ("em",),
+           "alpaca": ("rouge_l",)}  # each score's key is "{benchmark}_{metric}"
+BACKENDS = ("native", "lm_eval")
 POOL_SIZE = 25           # items per benchmark reserved for few-shot examples
 SHOT_SEPARATOR = "\n\n"
 TARGET_DELIMITER = " "   # between a multiple-choice context and its answer, as lm-eval-harness
@@ -50,8 +57,35 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Doc:
+    """One item as both backends lay it out: `text` is its prompt without few-shot examples; as a few-shot example
+    it reads `text` + TARGET_DELIMITER + `answer`; `gold` is what it is scored against (choice index, integer or
+    reference text) and `choices` its answer choices (multiple choice only)."""
+
+    text: str
+    answer: str
+    gold: int | str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A benchmark in the GP or IP setting, as both backends run it: the docs of every item, how many of them (the
+    first of a seeded permutation, see `split_items`) form the few-shot pool, the few-shot examples per scored item,
+    and the new tokens of a generation benchmark (0: multiple choice)."""
+
+    name: str
+    docs: list[Doc]
+    pool_size: int
+    shots: int
+    max_new_tokens: int = 0
+    chain_of_thought: bool = False
+
+
+@dataclass(frozen=True)
 class GeneralConfig:
-    """Settings of `general_scores`: `shots` is the IP setting (GP is always zero-shot)."""
+    """Settings of `general_scores`: `shots` is the IP setting (GP is always zero-shot); `backend` runs the
+    benchmarks here ("native") or through lm-evaluation-harness ("lm_eval", the `slicelora[lm_eval]` extra)."""
 
     limit: int = 200
     shots: int = 5
@@ -59,6 +93,16 @@ class GeneralConfig:
     batch_size: int = 16
     max_length: int = 1024
     benchmarks: tuple[str, ...] = BENCHMARKS
+    backend: str = "native"
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown backend, and the lm_eval backend when lm-evaluation-harness is not installed."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"general evaluation: backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
+    if backend == "lm_eval" and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError('general.backend=lm_eval needs lm-evaluation-harness: pip install "slicelora[lm_eval]" '
+                          "(or set general.backend=native).")
 
 
 def split_items(n: int, limit: int, seed: int, pool_size: int) -> tuple[list[int], list[int]]:
@@ -73,28 +117,33 @@ def split_items(n: int, limit: int, seed: int, pool_size: int) -> tuple[list[int
     return order[pool_size:pool_size + limit], order[:pool_size]
 
 
-def _with_shots(
-    items: Sequence, limit: int, shots: int, seed: int, pool_size: int, build: Callable[[Any, list], Request]
-) -> list[Request]:
-    """Requests for the scored items; each draws its own `shots` examples from the pool (one seeded stream)."""
-    scored, pool = split_items(len(items), limit, seed, pool_size)
-    if shots > len(pool):
-        raise ConfigError(f"general evaluation: shots={shots} exceeds the few-shot pool of {len(pool)} items.")
+def scored_and_pool(setting: Setting, limit: int, seed: int) -> tuple[list[int], list[int]]:
+    """`split_items` of the setting's docs, checked to hold its few-shot examples."""
+    scored, pool = split_items(len(setting.docs), limit, seed, setting.pool_size)
+    if setting.shots > len(pool):
+        raise ConfigError(f"general evaluation: shots={setting.shots} exceeds the few-shot pool of {len(pool)} items.")
+    return scored, pool
+
+
+def setting_requests(setting: Setting, limit: int, seed: int) -> list[Request]:
+    """Requests for the scored items: `shots` few-shot examples (each "text answer"), then the item's text, joined
+    by SHOT_SEPARATOR. Each item draws its examples from the pool in turn, from one stream seeded with seed + 1:
+    lm-evaluation-harness's sampler, given the pool's docs in pool order and that seed, draws the same ones."""
+    docs = setting.docs
+    scored, pool = scored_and_pool(setting, limit, seed)
     rng = random.Random(seed + 1)
     requests = []
     for i in scored:
-        chosen = rng.sample(pool, shots) if shots else []
-        requests.append(replace(build(items[i], [items[j] for j in chosen]), item=i, shots=tuple(chosen)))
+        chosen = rng.sample(pool, setting.shots) if setting.shots else []
+        demos = [docs[j].text + TARGET_DELIMITER + docs[j].answer for j in chosen]
+        requests.append(Request(SHOT_SEPARATOR.join([*demos, docs[i].text]), docs[i].gold, docs[i].choices, i,
+                                tuple(chosen)))
     return requests
 
 
-def hellaswag_requests(items: Sequence[data.HellaSwagItem], limit: int, shots: int, seed: int) -> list[Request]:
-    """Context = the shots' "context ending" blocks, then the item's context; choices = its endings."""
-    def build(item: data.HellaSwagItem, examples: list[data.HellaSwagItem]) -> Request:
-        demos = [ex.context + TARGET_DELIMITER + ex.endings[ex.label] for ex in examples]
-        return Request(SHOT_SEPARATOR.join([*demos, item.context]), item.label, item.endings)
-
-    return _with_shots(items, limit, shots, seed, POOL_SIZE, build)
+def hellaswag_doc(item: data.HellaSwagItem) -> Doc:
+    """Text = the context; choices = the endings."""
+    return Doc(item.context, item.endings[item.label], item.label, item.endings)
 
 
 def _csqa_question(item: data.MultipleChoiceItem) -> str:
@@ -102,25 +151,18 @@ def _csqa_question(item: data.MultipleChoiceItem) -> str:
     return f"Question: {item.question}\n{options}\nAnswer:"
 
 
-def commonsenseqa_requests(
-    items: Sequence[data.MultipleChoiceItem], limit: int, shots: int, seed: int
-) -> list[Request]:
-    """Context = the shots' answered questions, then "Question: ...\nA. ...\nAnswer:"; choices = the letters."""
-    def build(item: data.MultipleChoiceItem, examples: list[data.MultipleChoiceItem]) -> Request:
-        demos = [_csqa_question(ex) + TARGET_DELIMITER + ex.labels[ex.answer] for ex in examples]
-        return Request(SHOT_SEPARATOR.join([*demos, _csqa_question(item)]), item.answer, item.labels)
-
-    return _with_shots(items, limit, shots, seed, POOL_SIZE, build)
+def commonsenseqa_doc(item: data.MultipleChoiceItem) -> Doc:
+    """Text = "Question: ...\nA. ...\nAnswer:"; choices = the letters."""
+    return Doc(_csqa_question(item), item.labels[item.answer], item.answer, item.labels)
 
 
-def bbh_requests(items: Sequence[data.CountingItem], limit: int, cot_prompt: str | None, seed: int) -> list[Request]:
-    """Zero-shot when `cot_prompt` is None, else the CoT prompt followed by the question."""
-    def build(item: data.CountingItem, _: list) -> Request:
-        if cot_prompt is None:
-            return Request(f"{item.input}\nAnswer with a single number.", item.target)
-        return Request(f"{cot_prompt}{SHOT_SEPARATOR}Q: {item.input}\nA: Let's think step by step.", item.target)
-
-    return _with_shots(items, limit, 0, seed, 0, build)
+def bbh_doc(item: data.CountingItem, cot_prompt: str | None) -> Doc:
+    """Zero-shot when `cot_prompt` is None (the question and a request for a single number), else the CoT prompt
+    followed by the question."""
+    if cot_prompt is None:
+        return Doc(f"{item.input}\nAnswer with a single number.", str(item.target), item.target)
+    return Doc(f"{cot_prompt}{SHOT_SEPARATOR}Q: {item.input}\nA: Let's think step by step.", str(item.target),
+               item.target)
 
 
 def _alpaca_task(item: data.InstructionItem) -> str:
@@ -132,16 +174,28 @@ def _alpaca_block(item: data.InstructionItem) -> str:
     return f"{text}\nInput: {item.input}" if item.input else text
 
 
-def alpaca_requests(items: Sequence[data.InstructionItem], limit: int, shots: int, seed: int) -> list[Request]:
-    """Zero-shot: the instruction (and input) as the user message. Few-shot: "Instruction: / Input: / Response:"
-    blocks, the last one without its response."""
-    def build(item: data.InstructionItem, examples: list[data.InstructionItem]) -> Request:
-        if not examples:
-            return Request(_alpaca_task(item), item.output)
-        demos = [f"{_alpaca_block(ex)}\nResponse: {ex.output}" for ex in examples]
-        return Request(SHOT_SEPARATOR.join([*demos, f"{_alpaca_block(item)}\nResponse:"]), item.output)
+def alpaca_doc(item: data.InstructionItem, few_shot: bool) -> Doc:
+    """Zero-shot: the instruction (and input) as the user message. Few-shot: an "Instruction: / Input: /
+    Response:" block, which a few-shot example completes with its output."""
+    text = f"{_alpaca_block(item)}\nResponse:" if few_shot else _alpaca_task(item)
+    return Doc(text, item.output, item.output)
 
-    return _with_shots(items, limit, shots, seed, POOL_SIZE, build)
+
+def benchmark_setting(name: str, shots: int, data_dir: str | Path | None = None) -> Setting:
+    """A benchmark's setting with `shots` few-shot examples (0: GP); BBH's IP setting is its fixed 3-shot CoT prompt
+    in every item's text, with no pool."""
+    if name == "hellaswag":
+        return Setting(name, [hellaswag_doc(x) for x in data.load_hellaswag(data_dir)], POOL_SIZE, shots)
+    if name == "commonsenseqa":
+        return Setting(name, [commonsenseqa_doc(x) for x in data.load_commonsenseqa(data_dir)], POOL_SIZE, shots)
+    if name == "bbh_object_counting":
+        cot = data.load_bbh_cot_prompt(data_dir) if shots else None
+        docs = [bbh_doc(x, cot) for x in data.load_bbh_object_counting(data_dir)]
+        return Setting(name, docs, 0, 0, max_new_tokens=128 if cot else 32, chain_of_thought=cot is not None)
+    if name == "alpaca":
+        docs = [alpaca_doc(x, few_shot=shots > 0) for x in data.load_alpaca(data_dir)]
+        return Setting(name, docs, POOL_SIZE, shots, max_new_tokens=64)
+    raise ConfigError(f"general evaluation: unknown benchmark {name!r}; choose from {list(BENCHMARKS)}.")
 
 
 _INTEGER = re.compile(r"-?\d[\d,]*")
@@ -160,8 +214,11 @@ def extract_count(text: str, *, chain_of_thought: bool) -> int | None:
     return int(number.replace(",", "")) if number else None
 
 
-def _mean(values: Sequence[float]) -> float:
-    return 100.0 * sum(values) / len(values)
+def generated_score(setting: Setting, text: str, gold: int | str) -> float:
+    """One generated answer's score, 0..100: exact match of the extracted count (BBH) or ROUGE-L F1 (Alpaca)."""
+    if setting.name == "bbh_object_counting":
+        return 100.0 * (extract_count(text, chain_of_thought=setting.chain_of_thought) == gold)
+    return score("rouge_l", text, [gold])
 
 
 def multiple_choice_picks(
@@ -185,6 +242,21 @@ def _multiple_choice(model, tokenizer, requests: list[Request], batch_size: int,
     return multiple_choice_picks(requests, scores)
 
 
+def _native_scores(model, tokenizer, setting: Setting, *, limit: int, seed: int, batch_size: int, max_length: int,
+                   desc: str) -> dict[str, float]:
+    """The setting's METRICS, each the mean of its per-item scores (0..100)."""
+    reqs = setting_requests(setting, limit, seed)
+    if setting.max_new_tokens:
+        texts = generate(model, tokenizer, [r.prompt for r in reqs], max_new_tokens=setting.max_new_tokens,
+                         batch_size=batch_size, max_prompt_length=max_length, desc=desc)
+        per_item = {METRICS[setting.name][0]: [generated_score(setting, t, r.gold) for r, t in zip(reqs, texts)]}
+    else:
+        picks = _multiple_choice(model, tokenizer, reqs, batch_size, max_length, desc)
+        per_item = {"acc": [100.0 * (raw == r.gold) for r, (raw, _) in zip(reqs, picks)],
+                    "acc_norm": [100.0 * (norm == r.gold) for r, (_, norm) in zip(reqs, picks)]}
+    return {f"{setting.name}_{m}": sum(per_item[m]) / len(reqs) for m in METRICS[setting.name]}
+
+
 def evaluate_general(
     model,
     tokenizer,
@@ -196,11 +268,14 @@ def evaluate_general(
     benchmarks: Sequence[str] = BENCHMARKS,
     max_length: int = 1024,
     data_dir: str | Path | None = None,
+    backend: str = "native",
 ) -> dict[str, float]:
     """Scores (0..100) on the general benchmarks: GP with `shots` None or 0, IP with `shots` = k > 0 (k-shot;
     BBH then uses its fixed 3-shot CoT prompt). Keys: hellaswag_acc_norm, hellaswag_acc, commonsenseqa_acc,
     bbh_object_counting_em, alpaca_rouge_l (those of the chosen `benchmarks`). `max_length` bounds every prompt
-    in tokens (cut from the left)."""
+    in tokens (cut from the left). `backend` "lm_eval" runs the same items and prompts through
+    lm-evaluation-harness (slicelora.eval.lm_eval_backend)."""
+    check_backend(backend)
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"general evaluation: unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}.")
@@ -209,35 +284,22 @@ def evaluate_general(
         raise ConfigError(f"general evaluation: shots={shots} must be None or at least 0.")
     mode = f"IP {shots}-shot" if shots else "GP"
     out: dict[str, float] = {}
-    if "hellaswag" in benchmarks:
-        reqs = hellaswag_requests(data.load_hellaswag(data_dir), limit, shots, seed)
-        picks = _multiple_choice(model, tokenizer, reqs, batch_size, max_length, f"{mode} hellaswag")
-        out["hellaswag_acc_norm"] = _mean([norm == r.gold for r, (_, norm) in zip(reqs, picks)])
-        out["hellaswag_acc"] = _mean([raw == r.gold for r, (raw, _) in zip(reqs, picks)])
-    if "commonsenseqa" in benchmarks:
-        reqs = commonsenseqa_requests(data.load_commonsenseqa(data_dir), limit, shots, seed)
-        picks = _multiple_choice(model, tokenizer, reqs, batch_size, max_length, f"{mode} commonsenseqa")
-        out["commonsenseqa_acc"] = _mean([raw == r.gold for r, (raw, _) in zip(reqs, picks)])
-    if "bbh_object_counting" in benchmarks:
-        cot = data.load_bbh_cot_prompt(data_dir) if shots else None
-        reqs = bbh_requests(data.load_bbh_object_counting(data_dir), limit, cot, seed)
-        texts = generate(model, tokenizer, [r.prompt for r in reqs], max_new_tokens=128 if cot else 32,
-                         batch_size=batch_size, max_prompt_length=max_length, desc=f"{mode} bbh_object_counting")
-        out["bbh_object_counting_em"] = _mean(
-            [extract_count(t, chain_of_thought=cot is not None) == r.gold for r, t in zip(reqs, texts)]
-        )
-    if "alpaca" in benchmarks:
-        reqs = alpaca_requests(data.load_alpaca(data_dir), limit, shots, seed)
-        texts = generate(model, tokenizer, [r.prompt for r in reqs], max_new_tokens=64, batch_size=batch_size,
-                         max_prompt_length=max_length, desc=f"{mode} alpaca")
-        out["alpaca_rouge_l"] = sum(score("rouge_l", t, [r.gold]) for r, t in zip(reqs, texts)) / len(reqs)
+    for name in (b for b in BENCHMARKS if b in benchmarks):
+        setting = benchmark_setting(name, shots, data_dir)
+        common = dict(limit=limit, seed=seed, batch_size=batch_size, max_length=max_length)
+        if backend == "lm_eval":
+            from .lm_eval_backend import run_setting  # the optional extra, imported only when chosen
+
+            out.update(run_setting(model, tokenizer, setting, **common)[0])
+        else:
+            out.update(_native_scores(model, tokenizer, setting, desc=f"{mode} {name}", **common))
     return out
 
 
 def general_scores(model, tokenizer, cfg: GeneralConfig = GeneralConfig()) -> dict[str, dict[str, float]]:
     """{"GP": zero-shot scores, "IP": `cfg.shots`-shot scores} on the same scored items."""
     common = dict(limit=cfg.limit, seed=cfg.seed, batch_size=cfg.batch_size, benchmarks=cfg.benchmarks,
-                  max_length=cfg.max_length)
+                  max_length=cfg.max_length, backend=cfg.backend)
     return {
         "GP": evaluate_general(model, tokenizer, shots=None, **common),
         "IP": evaluate_general(model, tokenizer, shots=cfg.shots, **common),

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from ..errors import ConfigError, InitError
-from ..eval.general import BENCHMARKS, POOL_SIZE
+from ..eval.general import BACKENDS, BENCHMARKS, POOL_SIZE, check_backend
 from ..init import InitConfig, get_init, init_names
 from ..init.adapter import projection_settings
 from ..init.gradients import target_layers
@@ -99,6 +99,7 @@ class GeneralSection:
     batch_size: int = 16
     max_length: int = 1024
     benchmarks: list[str] = field(default_factory=lambda: ["hellaswag", "commonsenseqa", "bbh_object_counting", "alpaca"])
+    backend: str = "native"  # native: our own scoring; lm_eval: the same items through lm-evaluation-harness
 
 
 @dataclass
@@ -175,6 +176,7 @@ CHOICES = {
     "init.loss_on": ("full", "answer"),
     "train.loss_on": ("full", "answer"),
     "eval.scoring": ("paper", "native"),
+    "general.backend": BACKENDS,
 }
 
 
@@ -391,6 +393,8 @@ def validate(config: RunConfig) -> None:
         if getattr(config.track, tracker) and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"track.{tracker}=true needs the {tracker} package: pip install {tracker} (or "
                               f"slicelora[track]), or set track.{tracker}=false.")
+    if config.general.enabled:
+        check_backend(config.general.backend)
     if config.cl.method == "replay" and not config.train.replay_examples:
         raise ConfigError("cl.method=replay mixes train.replay_examples past examples per task into training: set "
                           "train.replay_examples > 0 (experience replay is on whenever it is > 0).")

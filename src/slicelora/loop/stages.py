@@ -555,7 +555,7 @@ def _general(ctx: _Run, model: torch.nn.Module, which: str, known: dict | None, 
     if ctx.main:
         general[which] = general_scores(model, ctx.tokenizer, GeneralConfig(
             limit=g.limit, shots=g.shots, seed=config.seed, batch_size=g.batch_size, max_length=g.max_length,
-            benchmarks=tuple(g.benchmarks)))
+            benchmarks=tuple(g.benchmarks), backend=g.backend))
         write_json(path, general)
         if share_key:
             shared.publish_general(share_key, general[which])
