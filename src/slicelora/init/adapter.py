@@ -244,8 +244,8 @@ def init_adapter(
 
     `current`: batches of the task about to be learned (every method with data). `replay`: batches of past tasks
     (methods with data "replay" or "replay_inputs" only; empty or None at the first stage, where SLICE equals
-    LoRA-GA paper and CorDA's kpm runs as ipm). `input_subspaces`: per canonical layer name, orthonormal columns U (d_in x k) that A must not read:
-    A <- A (I - U U^T) before the absorption (InfLoRA's constraint; any method). Under torch.distributed every rank
+    LoRA-GA paper and CorDA's kpm runs as ipm). `input_subspaces`: per canonical layer name, orthonormal columns U
+    (d_in x k) that A must not read: A <- A (I - U U^T) before the absorption (InfLoRA's constraint; any method). Under torch.distributed every rank
     calls it with its own share of the batches.
     """
     config = config or InitConfig()
