@@ -12,6 +12,8 @@ token batches, after the same warm-up pass, so no variant inherits another's cac
                    --gate defaults to 1.0 so that the projection always fires and its cost is counted
     pissa, eva     the same with method="pissa" (PEFT's PiSSA: an SVD of every weight, no data) and "eva" (PEFT's
                    EVA: an incremental SVD of every layer's inputs over the current batches)
+    corda          the same with method="corda" in its default kpm mode (PEFT's CorDA: one forward per example of the
+                   replay batches for each layer's input covariance, then an SVD of W C per layer)
     lora_ga_offload, slice_offload (CUDA only)   the same with InitConfig(offload_to_cpu=True)
     floor          (CUDA only) one forward/backward per batch whose target-weight gradients are dropped as soon as
                    they are made: the device memory that any gradient method needs for activations anyway
@@ -68,8 +70,8 @@ import time
 from pathlib import Path
 
 MIB = 2 ** 20
-CPU_VARIANTS = ("peft", "lora_ga", "slice", "pissa", "eva")
-CUDA_VARIANTS = ("peft", "lora_ga", "slice", "pissa", "eva", "lora_ga_offload", "slice_offload", "floor")
+CPU_VARIANTS = ("peft", "lora_ga", "slice", "pissa", "eva", "corda")
+CUDA_VARIANTS = ("peft", "lora_ga", "slice", "pissa", "eva", "corda", "lora_ga_offload", "slice_offload", "floor")
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                      vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
                      rope_theta=100000.0)
@@ -205,7 +207,8 @@ def reset_rss_peak() -> bool:
 
 
 def run_variant(variant, model, current, replay, args, meter, device):
-    """Initialise `model` by `variant`; returns how many gradient batches it consumed."""
+    """Initialise `model` by `variant`; returns how many batches it consumed (gradient or, for EVA and CorDA,
+    forward-only)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -248,7 +251,7 @@ def run_variant(variant, model, current, replay, args, meter, device):
         return len(current)
 
     method = variant.removesuffix("_offload")
-    data = get_init(method).data
+    spec = get_init(method)
     real = methods.accumulate_gradients
 
     def timed(*a, **k):
@@ -260,14 +263,14 @@ def run_variant(variant, model, current, replay, args, meter, device):
         peft_model = get_peft_model(model, LoraConfig(**lora))
         config = InitConfig(lora_ga_variant=args.variant, gate=args.gate, offload_to_cpu=variant.endswith("_offload"),
                             targets=tuple(targets))
-        report = init_adapter(peft_model, method, config, current=current if data != "none" else None,
-                              replay=replay if data == "replay" else None)
+        report = init_adapter(peft_model, method, config, current=current if spec.data != "none" else None,
+                              replay=replay if spec.uses_replay else None)
     finally:
         methods.accumulate_gradients = real
     if method == "slice" and not (report.surgery and report.surgery.fired):
         print(f"note: the SLICE projection did not fire (cos={report.surgery.cosine:.3f} >= gate {args.gate})",
               file=sys.stderr)
-    return {"none": 0, "replay": len(current) + len(replay)}.get(data, len(current))
+    return report.current_batches + report.replay_batches
 
 
 def cpu_tracked_peaks(prof) -> dict:
@@ -577,7 +580,7 @@ def summarise(args, res: dict[str, dict], cuda: bool) -> dict:
         out[f"ratio_{v}_peft_peak"] = ratio(get(v, peak_key), get("peft", peak_key))
         out[f"ratio_{v}_peft_rest_phase_peak"] = ratio(get(v, peak_key.replace("peak", "other_peak")),
                                                        get("peft", peak_key.replace("peak", "other_peak")))
-    for v in ("pissa", "eva"):  # beside our LoRA-GA on the same model: whole-init time and peak
+    for v in ("pissa", "eva", "corda"):  # beside our LoRA-GA on the same model: whole-init time and peak
         out[f"ratio_{v}_lora_ga_seconds"] = ratio(get(v, "seconds"), get("lora_ga", "seconds"))
         out[f"ratio_{v}_lora_ga_peak"] = ratio(get(v, peak_key), get("lora_ga", peak_key))
     if "lora_ga" in res and "peft" in res:
@@ -634,6 +637,8 @@ def main(argv=None) -> int:
                    help="torch threads per worker (default: 1 on cpu, where two OpenMP threads on a shared "
                         "machine ran up to 25x slower; torch's own choice on cuda; 0: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the fastest is kept")
+    p.add_argument("--variants", nargs="+", choices=CUDA_VARIANTS,
+                   help="run only these (default: every variant of the device)")
     p.add_argument("--json", type=Path, help="write the figures and ratios here as flat keys")
     p.add_argument("--autocast", action="store_true",
                    help="measure bf16 autocast against float32 gradient passes on real task batches (see above)")
@@ -668,7 +673,10 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device here; use --device cpu.")
     cuda = args.device == "cuda"
-    variants = CUDA_VARIANTS if cuda else CPU_VARIANTS
+    variants = args.variants or (CUDA_VARIANTS if cuda else CPU_VARIANTS)
+    if not cuda and set(variants) - set(CPU_VARIANTS):
+        raise SystemExit(f"--variants {' '.join(sorted(set(variants) - set(CPU_VARIANTS)))}: CUDA only; on the CPU "
+                         f"choose from {' '.join(CPU_VARIANTS)}.")
     res: dict[str, dict] = {}
     failed: list[str] = []
     t_start = time.perf_counter()
@@ -714,16 +722,17 @@ def print_report(out: dict, variants, cuda: bool) -> None:
               f"{fmt(out[f'{v}_peak_mib']):>10}{fmt(out[f'{v}_grad_phase_peak_mib']):>9}"
               f"{fmt(out[f'{v}_rest_phase_peak_mib']):>9}{fmt(out[f'{v}_retained_mib']):>8}"
               f"{fmt(out[f'{v}_rss_peak_mib']):>8}")
-    for v in ("pissa", "eva"):
+    for v in ("pissa", "eva", "corda"):
         if v in variants:
             print(f"  {v}: whole init x{fmt(out[f'ratio_{v}_lora_ga_seconds'])} of LoRA-GA's time, peak "
                   f"x{fmt(out[f'ratio_{v}_lora_ga_peak'])}")
-    print("\nratios ours/peft:")
-    for v in ("lora_ga", "slice"):
-        print(f"  {v:<8} time/batch {fmt(out.get(f'ratio_{v}_peft_s_per_batch'))}  "
-              f"(gradient phase {fmt(out.get(f'ratio_{v}_peft_grad_s_per_batch'))})  "
-              f"peak {fmt(out.get(f'ratio_{v}_peft_peak'))}  "
-              f"(rest phase {fmt(out.get(f'ratio_{v}_peft_rest_phase_peak'))})")
+    if "peft" in variants:
+        print("\nratios ours/peft:")
+        for v in ("lora_ga", "slice"):
+            print(f"  {v:<8} time/batch {fmt(out.get(f'ratio_{v}_peft_s_per_batch'))}  "
+                  f"(gradient phase {fmt(out.get(f'ratio_{v}_peft_grad_s_per_batch'))})  "
+                  f"peak {fmt(out.get(f'ratio_{v}_peft_peak'))}  "
+                  f"(rest phase {fmt(out.get(f'ratio_{v}_peft_rest_phase_peak'))})")
     if "slice_minus_lora_ga_peak_mib" in out:
         print(f"  SLICE - LoRA-GA: peak {out['slice_minus_lora_ga_peak_mib']} MiB "
               f"= {out['slice_minus_lora_ga_in_target_sets']} target sets; rest phase "
@@ -740,7 +749,8 @@ def print_report(out: dict, variants, cuda: bool) -> None:
                       f"({out[f'{v}_rest_phase_extra_in_largest_grads']}) (goal <= 1 each); "
                       f"device total peak {out[f'{v}_device_total_peak_mib']} MiB, model {out['model_mib']} MiB")
     checks = {k: v for k, v in out.items() if k.startswith("pass_")}
-    print("checks: " + ", ".join(f"{k[5:]}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
+    if checks:
+        print("checks: " + ", ".join(f"{k[5:]}={'PASS' if v else 'FAIL'}" for k, v in checks.items()))
     if out.get("failed_variants"):
         print(f"FAILED variants: {out['failed_variants']}")
 

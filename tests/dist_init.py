@@ -30,7 +30,9 @@ RUNS = {  # name: (method, config); gate=1 makes SLICE project whatever the cosi
     "lora_ga_reference": ("lora_ga", InitConfig(lora_ga_variant="reference")),
     "slice": ("slice", InitConfig(gate=1.0, strength=0.5)),
     "slice_per_layer_offload": ("slice", InitConfig(gate=1.0, surgery_mode="per_layer", offload_to_cpu=True)),
+    "corda": ("corda", InitConfig()),  # kpm: the covariances of the replay batches, summed over the ranks
 }
+REPLICATED_ONLY = ("corda",)  # refused on FSDP-sharded weights
 
 distributed = "WORLD_SIZE" in os.environ
 fsdp = sys.argv[2:] == ["fsdp"]
@@ -64,14 +66,16 @@ def sharded_model(blocks: slice = slice(None), reshard_after_forward: bool = Tru
 
 
 for run, (method, config) in RUNS.items():
+    if fsdp and run in REPLICATED_ONLY:
+        continue
     if fsdp:
         model = sharded_model(reshard_after_forward=run not in ("loram", "lora_ga_reference"))
     else:
         model = plain_model()
     with torch.no_grad():  # under FSDP with reshard_after_forward=False this leaves unsharded copies behind
         model(input_ids=current[0]["input_ids"][:1].to(device))
-    data = {"current": current[rank::world]} if method in ("lora_ga", "slice") else {}
-    if method == "slice":
+    data = {"current": current[rank::world]} if method in ("lora_ga", "slice", "corda") else {}
+    if method in ("slice", "corda"):
         data["replay"] = replay[rank::world]
     report = init_adapter(model, method, config, **data)
     for name, param in model.named_parameters():  # gathered on every rank: a collective

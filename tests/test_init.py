@@ -398,10 +398,16 @@ def test_two_processes_give_the_same_adapters(tmp_path, single_process_inits, sh
         assert refused == {f"refused/{case}": True for case in (
             "uneven_batches", "gradient_cache", "no_current_on_a_rank", "no_replay_on_a_rank", "mixed_sharding",
             "memory_on_one_rank")}
+    if sharding == "fsdp":  # CorDA is refused on sharded weights
+        one = {name: t for name, t in one.items() if not name.startswith("corda/")}
     assert set(one) == set(two) and {name.split("/")[0] for name in one} == {
-        "vanilla", "loram", "lora_ga_reference", "slice", "slice_per_layer_offload"}
+        "vanilla", "loram", "lora_ga_reference", "slice", "slice_per_layer_offload",
+        *(["corda"] if sharding == "replicated" else [])}
     for name in one:  # float noise of the reductions, amplified by close singular values of the tiny model
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
+        # CorDA's kpm inverts the covariance and keeps its weakest components: in one process, the same examples in
+        # reverse order already move its factors by 2.3e-4 (measured), as much as two processes do
+        atol = 5e-4 if name.startswith("corda/") else 5e-5
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=atol, msg=name)
 
 
 def test_inplace_projection_equals_the_copying_one():

@@ -47,13 +47,17 @@ def test_builtin_methods_are_registered_once_with_their_records():
     assert init_names()[:4] == ("vanilla", "lora_ga", "loram", "slice")
     assert {n: (get_init(n).data, get_init(n).absorbs) for n in init_names()[:4]} == {
         "vanilla": ("none", False), "lora_ga": ("current", True), "loram": ("none", True), "slice": ("replay", True)}
+    # the stage loop builds replay batches for these, and only these
+    assert [n for n in init_names() if get_init(n).uses_replay] == ["slice", "corda"]
     with pytest.raises(InitError, match="already registered"):
         register_init(get_init("slice"))
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(data="activations"), "must be one of none, current, replay, inputs"),
-    (dict(data="inputs"), "prepare step goes with data='inputs'"),
+    (dict(data="activations"), "must be one of none, current, replay, inputs, replay_inputs"),
+    (dict(data="inputs"), "prepare step goes with data='inputs' or 'replay_inputs'"),
+    (dict(data="replay_inputs"), "prepare step goes with data='inputs' or 'replay_inputs'"),
+    (dict(prepare=lambda m, c, r, cfg, name: None), "prepare step goes with"),
     (dict(data="replay"), "combine step goes with data='replay'"),
     (dict(combine=lambda c, r, cfg: (c, None)), "combine step goes with data='replay'"),
     (dict(factors=None), "nothing to absorb"),

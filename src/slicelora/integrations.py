@@ -86,7 +86,7 @@ class SliceInitCallback(TrainerCallback):
     """Initialise the trainer's PEFT adapter by the registered `method` when training begins (once per callback).
 
     `current` / `replay`: the init's data (see `as_batches`: batches, dict rows or `Example`s); the replay set only
-    for methods with data "replay" (SLICE). Rows and Examples are batched by `batch_size` and tokenised with
+    for methods that read one (SLICE, CorDA). Rows and Examples are batched by `batch_size` and tokenised with
     `tokenizer`, else the trainer's processing_class. With several processes each takes every world_size-th batch
     (all of them when there are fewer batches than processes). The initial factors are written to the output folder
     and copied into each checkpoint; `report` holds the init's InitReport afterwards.

@@ -20,7 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +75,9 @@ class InitConfig:
     gate_delta: float = 0.0  # median rule: tau_l = median of the layers' cosines - gate_delta
     preserve_magnitude: bool = False  # rescale the projected gradient to the norm it had before
     pissa_niter: int | None = None  # PiSSA: None = exact SVD of W (PEFT's "pissa"); n = PEFT's "pissa_niter_n"
+    # CorDA: kpm keeps the replay batches' knowledge in the frozen weight (ipm when there are none), ipm previews
+    # the current task
+    corda_mode: Literal["kpm", "ipm"] = "kpm"
     gamma: float = 16.0  # the reference / peft variants' stable scale d_out^(1/4) / sqrt(gamma)
     seed: int = 42  # the SVD's random start (and vanilla's Kaiming draw)
     niter: int = 4
@@ -100,6 +103,7 @@ class InitReport:
     gradient_sets_from_cache: list[str] = field(default_factory=list)  # those that did: "current", "replay"
     surgery: SurgeryReport | None = None
     betas: dict[str, float] = field(default_factory=dict)
+    settled: dict = field(default_factory=dict)  # settings the data decided in place of the config's (CorDA's mode)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -238,10 +242,10 @@ def init_adapter(
     """Set the LoRA adapter `adapter_name` of a PEFT model by the registered `method` (docs/method.md) and return
     what was done.
 
-    `current`: batches of the task about to be learned (methods with data "current" or "replay"). `replay`: batches
-    of past tasks (methods with data "replay" only; empty or None at the first stage, where SLICE equals LoRA-GA
-    paper). `input_subspaces`: per canonical layer name, orthonormal columns U (d_in x k) that A must not read:
-    A <- A (I - U U^T) before the absorption (InfLoRA's constraint; any method). Under torch.distributed every rank
+    `current`: batches of the task about to be learned (every method with data). `replay`: batches of past tasks
+    (methods with data "replay" or "replay_inputs" only; empty or None at the first stage, where SLICE equals
+    LoRA-GA paper and CorDA's kpm runs as ipm). `input_subspaces`: per canonical layer name, orthonormal columns U
+    (d_in x k) that A must not read: A <- A (I - U U^T) before the absorption (InfLoRA's constraint; any method). Under torch.distributed every rank
     calls it with its own share of the batches.
     """
     config = config or InitConfig()
@@ -260,7 +264,7 @@ def init_adapter(
     replay = list(replay or [])
     # Decide from every rank's counts, so that all ranks take the same branch (and meet at the same collectives).
     counts = per_rank([len(current), len(replay)], next(model.parameters()).device)
-    if replay and spec.data != "replay":
+    if replay and not spec.uses_replay:
         warnings.warn(f"init {method!r} does not use replay batches; the {len(replay)} given are ignored.", stacklevel=2)
     if current and spec.data == "none":
         warnings.warn(f"init {method!r} uses no data; the {len(current)} current batches are ignored.", stacklevel=2)
@@ -281,13 +285,16 @@ def init_adapter(
             raise InitError(f"rank {rank} exceeds min(d_out, d_in) = {min(shape)} of layer {name!r}; lower r.")
 
     grads: dict[str, torch.Tensor] = {}
-    if spec.data == "inputs":  # the method's own pass over the current batches (e.g. EVA's activation SVD)
+    if spec.prepare is not None:  # the method's own pass over its batches (EVA's activation SVD, CorDA's covariances)
         if not current:
             raise InitError(f"init {method!r} needs current-task batches (current=...): none were given.")
         if any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
             raise InitError(f"init {method!r} is not supported with FSDP-sharded weights.")
-        grads = {canonical_name(name): t for name, t in spec.prepare(model, current, config, adapter_name).items()}
-        report.current_batches = len(current)
+        prepared = spec.prepare(model, current, replay if spec.uses_replay else [], config, adapter_name)
+        grads = {canonical_name(name): t for name, t in prepared.tensors.items()}
+        config, report.settled = replace(config, **prepared.settled), dict(prepared.settled)
+        report.current_batches = len(current) if "current" in prepared.read else 0
+        report.replay_batches = len(replay) if "replay" in prepared.read else 0
     elif spec.data != "none":
         if min(c[0] for c in counts) == 0:
             raise InitError(f"init {method!r} needs current-task batches (current=...): none were given"

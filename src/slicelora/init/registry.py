@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -28,9 +28,14 @@ if TYPE_CHECKING:  # the config and the surgery report live in modules that impo
 
 # What a method needs besides the model: nothing; the gradient of the task about to be learned; that gradient and
 # the gradient of a replay buffer of past tasks (SLICE's surgery input); the current task's batches, which its own
-# `prepare` step turns into per-layer tensors (e.g. EVA's activation SVD).
-Data = Literal["none", "current", "replay", "inputs"]
-DATA = ("none", "current", "replay", "inputs")
+# `prepare` step turns into per-layer tensors (e.g. EVA's activation SVD); the current and the replay batches, for
+# such a step (e.g. CorDA's covariance of the knowledge to keep).
+Data = Literal["none", "current", "replay", "inputs", "replay_inputs"]
+# The batch sets each kind reads: the stage loop builds these and no others (replay ones from the second stage on).
+BATCH_SETS: dict[str, tuple[str, ...]] = {"none": (), "current": ("current",), "replay": ("current", "replay"),
+                                          "inputs": ("current",), "replay_inputs": ("current", "replay")}
+DATA = tuple(BATCH_SETS)
+PREPARED = ("inputs", "replay_inputs")  # the kinds whose batches a `prepare` step reads
 Gradients = dict[str, torch.Tensor]  # canonical layer name -> gradient of the loss w.r.t. that layer's weight
 
 
@@ -57,6 +62,18 @@ class Factors:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What a `prepare` step made: per-layer tensors (by canonical name, or PEFT's module name) handed to `factors`
+    as `grad`; the batch sets it read (the init report counts only their batches); the settings its data decided,
+    which `factors` reads in place of the config's and the report records (e.g. CorDA's kpm runs as ipm when no
+    replay batches are given)."""
+
+    tensors: Gradients
+    read: tuple[str, ...] = ("current",)
+    settled: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class InitMethod:
     """One initialisation.
 
@@ -64,8 +81,9 @@ class InitMethod:
     function right after the init (every non-zero-B method must absorb). `factors`: (A, B) for one layer; None keeps
     PEFT's own draw (Kaiming A, zero B), re-drawn from the init's seed. `combine`: for `data="replay"`, turns the
     current and replay gradients into the gradients the factors are computed from (SLICE's surgery); without replay
-    batches the current gradients are used as they are. `prepare`: for `data="inputs"`, (PEFT model, the current
-    batches, config, adapter name) -> per-layer tensors (by canonical name) handed to `factors` as `grad`.
+    batches the current gradients are used as they are. `prepare`: for `data="inputs"` or `"replay_inputs"`, (PEFT
+    model, the current batches, the replay batches (always empty for "inputs"; empty at a first stage), config,
+    adapter name) -> `Prepared`.
     `settings` / `combine_settings`: the InitConfig fields that `factors` / `combine` read (the study planner uses
     them to tell which settings change a stage's result).
     """
@@ -76,7 +94,7 @@ class InitMethod:
     factors: Callable[[LayerInput, InitConfig], Factors] | None
     summary: str
     combine: Callable[[Gradients, Gradients, InitConfig], tuple[Gradients, SurgeryReport]] | None = None
-    prepare: Callable[[torch.nn.Module, list, InitConfig, str], Gradients] | None = None
+    prepare: Callable[[torch.nn.Module, list, list, InitConfig, str], Prepared] | None = None
     settings: tuple[str, ...] = ()
     combine_settings: tuple[str, ...] = ()
 
@@ -85,10 +103,16 @@ class InitMethod:
             raise InitError(f"init method {self.name!r}: data={self.data!r} must be one of {', '.join(DATA)}.")
         if (self.combine is not None) != (self.data == "replay"):
             raise InitError(f"init method {self.name!r}: a combine step goes with data='replay', and only with it.")
-        if (self.prepare is not None) != (self.data == "inputs"):
-            raise InitError(f"init method {self.name!r}: a prepare step goes with data='inputs', and only with it.")
+        if (self.prepare is not None) != (self.data in PREPARED):
+            raise InitError(f"init method {self.name!r}: a prepare step goes with data='inputs' or 'replay_inputs', "
+                            "and only with them.")
         if self.factors is None and self.absorbs:
             raise InitError(f"init method {self.name!r}: PEFT's own draw has B = 0, so there is nothing to absorb.")
+
+    @property
+    def uses_replay(self) -> bool:
+        """Whether the method reads replay batches of past tasks (none at a first stage)."""
+        return "replay" in BATCH_SETS[self.data]
 
 
 INITS: dict[str, InitMethod] = {}

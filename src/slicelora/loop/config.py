@@ -57,6 +57,7 @@ class InitSection:
     gate_delta: float = 0.0
     preserve_magnitude: bool = False  # rescale the projected gradient to its norm before the projection
     pissa_niter: int | None = None  # PiSSA: null = exact SVD of W; n = PEFT's randomised pissa_niter_n
+    corda_mode: str = "kpm"  # CorDA: kpm (keep the replay buffer's knowledge; ipm at the first stage) | ipm
     lora_ga_variant: str = "paper"
     selection: str = "lora_ga"
     offload_to_cpu: bool = False
@@ -171,7 +172,7 @@ def _literal_choices(cls: type) -> dict[str, tuple]:
 CHOICES = {
     "init.method": init_names,  # whatever is registered when the config is read
     "cl.method": cl_names,
-    **_literal_choices(InitConfig),  # surgery_mode, projection, gate_rule, lora_ga_variant, selection
+    **_literal_choices(InitConfig),  # surgery_mode, projection, gate_rule, lora_ga_variant, selection, corda_mode
     "init.replay_batching": ("each_task", "all_tasks"),
     "init.loss_on": ("full", "answer"),
     "train.loss_on": ("full", "answer"),

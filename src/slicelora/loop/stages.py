@@ -2,7 +2,7 @@
 
     for each task T_t of the sequence:
         1. add a fresh LoRA adapter to the current (merged) model
-        2. initialise it (vanilla | lora_ga | loram | slice, with SLICE's replay buffer of past tasks)
+        2. initialise it (a registered init; SLICE and CorDA also read a replay buffer of past tasks)
         3. train only the adapter on T_t
         4. merge it into the weights
         5. evaluate every task seen so far -> row t of R (scores) and of R_loss (answer NLL)
@@ -98,16 +98,16 @@ def training_examples(stage: Stage, config: RunConfig, methods: list[ContinualMe
 
 
 def init_batches(learn: list[Task], past: list[Task], config: RunConfig, tokenizer, stage: int):
-    """The init's gradient batches, as its method needs them: S of the current task(s), and for replay methods
-    (SLICE) S per past task (each_task) or S in all (all_tasks)."""
+    """The init's batches, as its method needs them: S of the current task(s), and for methods that read replay
+    batches (SLICE, CorDA) S per past task (each_task) or S in all (all_tasks)."""
     cfg = config.init
-    data = get_init(cfg.method).data
-    if data == "none":
+    method = get_init(cfg.method)
+    if method.data == "none":
         return [], []
     kw = dict(tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=config.train.max_length,
               loss_on=cfg.loss_on, seed=config.seed + stage, num_batches=cfg.batches)
     current = make_batches([ex for task in learn for ex in task.train], **kw)
-    if data != "replay" or not past:
+    if not method.uses_replay or not past:
         return current, []
     buffers = [replay_buffer(old, cfg.replay_buffer, config.seed) for old in past]
     if cfg.replay_batching == "each_task":

@@ -35,7 +35,7 @@ def effective_init(config: RunConfig, stage: int) -> tuple:
     """What a stage's init depends on besides the model: the method's settings and, for methods with data, how its
     gradient batches are made (replay ones only from stage 2, the first stage having no past tasks)."""
     c, spec = config.init, get_init(config.init.method)
-    replay = spec.data == "replay" and stage > 1
+    replay = spec.uses_replay and stage > 1
     out = (c.method, sorted(settings_of(spec, init_config(config, stage), combined=replay).items()))
     if spec.data != "none":
         out += ((c.batches, c.batch_size, c.loss_on, c.autocast),)
@@ -96,11 +96,11 @@ def count_work(study: Study) -> Work:
             evals = sum(min(config.eval.examples, len(s.heldout)) for s in seen)
             names = tuple(task.name for task in learn)
             grad_sets = []
-            data = get_init(config.init.method).data
-            if data != "none":
+            spec = get_init(config.init.method)
+            if spec.data != "none":
                 grad_sets.append(((sig, "current", names, config.init.batches, config.init.batch_size,
                                    config.init.loss_on, config.init.autocast), config.init.batches))
-                if data == "replay" and t > 1:
+                if spec.uses_replay and t > 1:
                     n = config.init.batches * ((t - 1) if config.init.replay_batching == "each_task" else 1)
                     grad_sets.append(((sig, "replay", config.init.batch_size, config.init.loss_on,
                                        config.init.replay_buffer, config.init.replay_batching, config.init.autocast), n))
