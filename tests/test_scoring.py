@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from transformers import AutoTokenizer
 

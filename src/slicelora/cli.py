@@ -59,8 +59,10 @@ def _handled(resumable: bool = False) -> Iterator[None]:
 
 
 def _overrides(sets, method=None, sequence=None, model=None, data_dirs=None, data_only=False) -> list[str]:
-    out = list(sets or [])
-    for key, value in (("init.method", method), ("sequence", sequence), ("model", model)):
+    from .loop.adapters import method_overrides
+
+    out = list(sets or []) + (method_overrides(method) if method is not None else [])
+    for key, value in (("sequence", sequence), ("model", model)):
         if value is not None:
             out.append(f"{key}={value}")
     if data_dirs:
@@ -110,6 +112,7 @@ def _plan_or_warn(configs: dict, plan: bool) -> bool:
 
 def _compare(config: Optional[Path], overrides: list[str], methods: str, output: Path, resume: bool,
              plan: bool = False) -> None:
+    from .loop.adapters import method_overrides
     from .loop.config import load_config
     from .loop.runfolder import read_run
     from .loop.stages import check_collection_dir, run as run_stages
@@ -121,7 +124,7 @@ def _compare(config: Optional[Path], overrides: list[str], methods: str, output:
     if not names or twice:
         raise ConfigError(f"--methods {methods!r} " + (f"names {', '.join(twice)} more than once" if twice else
                           "names no method") + f"; list each method once, e.g. --methods {METHODS}.")
-    configs = {m: load_config(config, overrides + [f"init.method={m}"]) for m in names}  # all checked up front
+    configs = {m: load_config(config, overrides + method_overrides(m)) for m in names}  # all checked up front
     if _plan_or_warn(configs, plan):
         return
     check_collection_dir(output, "comparison")
@@ -148,7 +151,7 @@ def run(
     config: ConfigArg = None,
     set: SetOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = Path("runs/run"),
-    method: Annotated[Optional[str], typer.Option(help="A registered init: vanilla | lora_ga | loram | slice | ... (see `slicelora methods`).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="A registered LoRA init: vanilla | lora_ga | loram | slice | ... (see `slicelora methods`), or osf (PEFT's OSF adapter instead of LoRA).")] = None,
     sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local model folder or cached Hugging Face model id (default: embedded SmolLM2).")] = None,
     data_dir: DataDirOpt = None,
@@ -157,6 +160,7 @@ def run(
     plan: PlanOpt = False,
 ) -> None:
     """Run one method on one task sequence; writes R, metrics, generations and adapters to --output."""
+    from .loop.adapters import method_name
     from .loop.config import load_config
     from .loop.runfolder import read_run
     from .loop.stages import run as run_stages
@@ -165,7 +169,7 @@ def run(
 
     with _handled(resumable=True):
         cfg = load_config(config, _overrides(set, method, sequence, model, data_dir, data_only), strict=True)
-        if _plan_or_warn({cfg.init.method: cfg}, plan):
+        if _plan_or_warn({method_name(cfg.to_dict()): cfg}, plan):
             return
         accelerator = _accelerator()
         folder = run_stages(cfg, output, resume=resume, accelerator=accelerator)
@@ -178,7 +182,7 @@ def run(
 @app.command()
 def compare(
     config: ConfigArg = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = METHODS,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: registered LoRA inits, or osf (PEFT's OSF adapter).")] = METHODS,
     set: SetOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Comparison folder (one run folder per method).")] = Path("runs/compare"),
     sequence: Annotated[Optional[str], typer.Option(help="Sequence name or YAML file.")] = None,
@@ -256,10 +260,10 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
     stage: Annotated[Optional[int], typer.Option(help="The stage to export (default: the last finished one).")] = None,
     merged: Annotated[Optional[Path], typer.Option(help="Write the model after the stage here (a new or empty folder): AutoModelForCausalLM loads it.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Write the stage's change here as a PEFT LoRA adapter: DIR/adapter, on DIR/base (the model before the stage; named in the adapter's config by its absolute path, so after moving the pair load it with PeftModel.from_pretrained(base, adapter)).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Write the stage's change here as a PEFT adapter (LoRA; OSF for OSF runs): DIR/adapter, on DIR/base (the model before the stage; named in the adapter's config by its absolute path, so after moving the pair load it with PeftModel.from_pretrained(base, adapter)).")] = None,
     dtype: Annotated[str, typer.Option(help="The saved tensors' dtype: auto (the run's base model's, from its config.json), float32, bfloat16 or float16.")] = "auto",
 ) -> None:
-    """Export a finished stage as standard Hugging Face folders: the merged model and/or the stage's LoRA adapter."""
+    """Export a finished stage as standard Hugging Face folders: the merged model and/or the stage's PEFT adapter."""
     from .export import export_stage
 
     with _handled():
@@ -340,15 +344,20 @@ def tasks(data_dir: DataDirOpt = None, data_only: DataOnlyOpt = False) -> None:
 
 @app.command()
 def methods() -> None:
-    """List the registered initialisation methods."""
+    """List the registered LoRA initialisation methods and the other adapter types."""
     from rich.markup import escape
 
     from .init import get_init, init_names
+    from .loop.adapters import ADAPTERS, LORA
 
     for name in init_names():
         spec = get_init(name)
         console.print(f"[bold]{escape(name)}[/] (data: {spec.data}{', absorbed' if spec.absorbs else ''}): "
                       f"{escape(spec.summary)}", highlight=False)
+    for name, kind in ADAPTERS.items():
+        if name != LORA:
+            console.print(f"[bold]{escape(name)}[/] (adapter.type={name}, no LoRA init): {escape(kind.summary)}",
+                          highlight=False)
 
 
 @app.command()

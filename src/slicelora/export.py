@@ -2,11 +2,12 @@
 
 - merged: the model after stage t (safetensors, config, tokenizer, generation config, a README.md model card with
   the run's settings and scores), which `AutoModelForCausalLM.from_pretrained` loads.
-- adapter: stage t's weight change as a standard PEFT LoRA adapter, `DIR/adapter`, on the model after stage t-1,
+- adapter: stage t's weight change as a standard PEFT adapter, `DIR/adapter`, on the model after stage t-1,
   exported beside it as `DIR/base`. An absorbing init's trained adapter (B, A) fits W - s B0 A0, not the merged
   model W, so on W the stage's change is s (B A - B0 A0): one rank-2r LoRA with A' = [A; A0], B' = [B, -B0] and the
-  same scaling s (lora_alpha set for rank 2r). Its `base_model_name_or_path` is DIR/base as an absolute path: PEFT
-  (AutoPeftModelForCausalLM) passes that field to `from_pretrained` as it is, so a relative path would be read
+  same scaling s (lora_alpha set for rank 2r). An OSF stage's adapter is exported as it is: PEFT recomputes its SVD
+  split from `DIR/base` when it loads it. The adapter's `base_model_name_or_path` is DIR/base as an absolute path:
+  PEFT (AutoPeftModelForCausalLM) passes that field to `from_pretrained` as it is, so a relative path would be read
   against the current directory, not the adapter folder. A moved pair loads with
   `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("NEW/base"), "NEW/adapter")`.
 
@@ -25,12 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 from .errors import ConfigError, RunStateError
 from .init.gradients import canonical_name
+from .loop.adapters import kind_of
 from .loop.runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, FACTORS_FILE, INIT_FILE, SCORES_FILE, TRAIN_FILE, Run,
                              is_run_folder, read_run, stage_dir, stage_finished)
 from .loop.stages import merged_model, stage_absorbs
@@ -145,13 +147,14 @@ def _save_model(model: torch.nn.Module, tokenizer, folder: Path, card: str) -> N
 
 
 def _save_stage_adapter(run: Run, stage: int, final: Path, tmp: Path, dtype: torch.dtype) -> None:
-    """`tmp/base`: the model after stage-1; `tmp/adapter`: stage `stage`'s change on it as a standard LoRA adapter,
-    whose base_model_name_or_path is `final/base` (where tmp is renamed to), absolute (see the module docstring)."""
+    """`tmp/base`: the model after stage-1; `tmp/adapter`: stage `stage`'s change on it as a standard PEFT adapter
+    (LoRA, or the stage's own OSF adapter), whose base_model_name_or_path is `final/base` (where tmp is renamed to),
+    absolute (see the module docstring)."""
     model, tokenizer = merged_model(run.path, stage - 1)
     before = "the base model (before stage 1)" if stage == 1 else f"the model after stage {stage - 1}"
     _save_model(model.to(dtype), tokenizer, tmp / "base", _card(run, stage - 1, before, dtype))
     folder = stage_dir(run.path, stage)
-    config = LoraConfig.from_pretrained(str(folder / ADAPTER_DIR))
+    config = PeftConfig.from_pretrained(str(folder / ADAPTER_DIR))
     weights = load_file(str(folder / ADAPTER_DIR / ADAPTER_WEIGHTS))
     if stage_absorbs(folder):
         weights, config = _with_absorbed_init(weights, load_file(str(folder / FACTORS_FILE)), config)
@@ -165,8 +168,8 @@ def _save_stage_adapter(run: Run, stage: int, final: Path, tmp: Path, dtype: tor
     moved = ("If you move this folder and ../base, load them with `PeftModel.from_pretrained("
              "AutoModelForCausalLM.from_pretrained(\"NEW/base\"), \"NEW/adapter\")`: this adapter's "
              "base_model_name_or_path is the absolute path that ../base had at export.\n\n")
-    card = _card(run, stage, f"stage {stage}'s change as a LoRA adapter on ../base (the model before it)", dtype,
-                 library="peft", base=config.base_model_name_or_path, note=note + moved)
+    what = f"stage {stage}'s change as a PEFT {kind_of(run.config).title} adapter on ../base (the model before it)"
+    card = _card(run, stage, what, dtype, library="peft", base=config.base_model_name_or_path, note=note + moved)
     (tmp / "adapter" / "README.md").write_text(card, encoding="utf-8")
 
 
@@ -200,12 +203,12 @@ def _card(run: Run, stage: int, what: str, dtype: torch.dtype, library: str = "t
           base: str | None = None, note: str = "") -> str:
     """A README.md model card: what the folder holds, the run's scores after `stage` and its settings."""
     config = run.config
-    tags = "\n".join(f"- {tag}" for tag in ("slicelora", "continual-learning", "lora"))
+    tags = "\n".join(f"- {tag}" for tag in ("slicelora", "continual-learning", kind_of(config).name))
     front = f"---\nlibrary_name: {library}\n" + (f"base_model: {base}\n" if base else "") + f"tags:\n{tags}\n---\n"
     lines = [front, f"# {run.path.name}: {what}", "",
              f"{note}Exported by `slicelora export` from the run folder `{run.path.resolve()}`: continual "
-             f"fine-tuning of `{config['model']}` with LoRA adapters initialised by `{run.method}` (one adapter per stage, merged "
-             f"into the weights after the stage). Tensors are {str(dtype).removeprefix('torch.')}.", ""]
+             f"fine-tuning of `{config['model']}` with {kind_of(config).describe(config)} (one adapter per stage, "
+             f"merged into the weights after the stage). Tensors are {str(dtype).removeprefix('torch.')}.", ""]
     if stage >= 1:
         partial = replace(run, R=run.R[:stage], R_loss=None if run.R_loss is None else run.R_loss[:stage])
         lines += [f"Scores after stage {stage} (the protocol's scorers on each task's held-out examples):", "",

@@ -24,18 +24,28 @@ from ..eval.general import BACKENDS, BENCHMARKS, POOL_SIZE, check_backend
 from ..init import InitConfig, get_init, init_names
 from ..init.adapter import projection_settings
 from ..init.gradients import target_layers
+from .adapters import ADAPTERS, adapter_names, library_init_config, reads
 from .continual import CL_METHODS, cl_names
 from ..models import DEFAULT_MODEL, LLAMA_TARGETS, linear_names, resolve_targets
 
 
 @dataclass
 class AdapterConfig:
+    type: str = "lora"  # the stage adapter (loop/adapters.py): lora (rank, alpha, dropout, init.*) | osf (osf.*)
     rank: int = 64
     alpha: float = 2.0  # s = alpha / sqrt(r) (rsLoRA)
     dropout: float = 0.0
     # the Llama names; on a model without them: PEFT's defaults for its model_type, else every linear layer but the
     # LM head (models.resolve_targets). Set explicitly, they are taken as they are.
     targets: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+
+
+@dataclass
+class OSFSection:
+    # adapter.type=osf: stage t keeps the fraction preserve + (t - 1) * preserve_step of each layer's top singular
+    # directions (at least one, at most all but one); null step: (1 - preserve) / stages, PEFT's progressive budget
+    preserve: float = 0.0
+    preserve_step: float | None = None
 
 
 @dataclass
@@ -128,6 +138,7 @@ class RunConfig:
     allow_reasoning_variant: bool = False  # MeetingBank: train on TRACE's reasoning-augmented split
     seed: int = 42
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    osf: OSFSection = field(default_factory=OSFSection)
     init: InitSection = field(default_factory=InitSection)
     train: TrainSection = field(default_factory=TrainSection)
     cl: CLSection = field(default_factory=CLSection)
@@ -155,13 +166,6 @@ def describe(changed: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {_show(old)} -> {_show(new)}" for key, (old, new) in changed.items())
 
 
-def library_init_config(section: InitSection, **decided: Any) -> InitConfig:
-    """The init library's InitConfig from the run config's init section (every field the two share; one source
-    for their names, types and defaults), with the values the loop decides (`decided`: seed, targets, ...)."""
-    shared = {f.name: getattr(section, f.name) for f in fields(InitConfig) if hasattr(section, f.name)}
-    return InitConfig(**{**shared, **decided})
-
-
 def _literal_choices(cls: type) -> dict[str, tuple]:
     """init.<field> -> the values of the init library's Literal-typed field of the same name."""
     hints = typing.get_type_hints(cls)
@@ -170,6 +174,7 @@ def _literal_choices(cls: type) -> dict[str, tuple]:
 
 
 CHOICES = {
+    "adapter.type": adapter_names,  # whatever kinds are registered (loop/adapters.py)
     "init.method": init_names,  # whatever is registered when the config is read
     "cl.method": cl_names,
     **_literal_choices(InitConfig),  # surgery_mode, projection, gate_rule, lora_ga_variant, selection, corda_mode
@@ -283,9 +288,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def check_adapter_settings(config: RunConfig, given: set[str]) -> None:
+    """Refuse settings read only by another adapter type than the selected one (LoRA's rank and init.*, osf.*)."""
+    kind = ADAPTERS[config.adapter.type]
+    unused = {key: owner for key in sorted(given) for owner in ADAPTERS.values()
+              if owner is not kind and reads(owner, key)}
+    if unused:
+        owner, one = next(iter(unused.values())), len(unused) == 1
+        raise ConfigError(f"{', '.join(unused)} {'is' if one else 'are'} read only with adapter.type={owner.name}: "
+                          f"{owner.summary}. This run has adapter.type={kind.name}, {kind.summary}, so it ignores "
+                          f"{'it' if one else 'them'}. Remove {'it' if one else 'them'} or set "
+                          f"adapter.type={owner.name}.")
+
+
 def check_settings_apply(config: RunConfig, given: set[str]) -> None:
-    """Refuse method settings (init.* of a registered init, cl.* of a CL method) given for a method that is not
-    selected: the run would silently ignore them."""
+    """Refuse settings given for an adapter type (check_adapter_settings) or a method (init.* of a registered init,
+    cl.* of a CL method) that is not selected: the run would silently ignore them."""
+    check_adapter_settings(config, given)
     owners: dict[str, list[str]] = {}
     for name in init_names():
         spec = get_init(name)
@@ -326,6 +345,8 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("adapter.alpha", lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("adapter.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("adapter.targets", lambda v: bool(v) and all(t.strip() for t in v), "a non-empty list of module names"),
+    ("osf.preserve", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("osf.preserve_step", lambda v: v is None or 0 <= v < 1, "null (spread over the stages) or a fraction in [0, 1)"),
     ("init.batches", lambda v: v >= 1, "an integer >= 1"),
     ("init.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("init.replay_buffer", lambda v: v >= 1, "an integer >= 1"),
@@ -399,6 +420,7 @@ def validate(config: RunConfig) -> None:
     if config.cl.method == "replay" and not config.train.replay_examples:
         raise ConfigError("cl.method=replay mixes train.replay_examples past examples per task into training: set "
                           "train.replay_examples > 0 (experience replay is on whenever it is > 0).")
+    ADAPTERS[config.adapter.type].check_config(config)
     try:  # the surgery's variant settings, checked as the init will check them
         projection_settings(library_init_config(config.init)).check(config.init.surgery_mode)
     except InitError as exc:
@@ -406,9 +428,9 @@ def validate(config: RunConfig) -> None:
 
 
 def check_against_model(config: RunConfig, model: torch.nn.Module) -> None:
-    """What only the loaded model can tell, checked before any gradient or training work: every name in
-    adapter.targets (the default resolved to the model's names) names layers of the model (full-precision nn.Linear
-    or Conv1D), and adapter.rank fits the smallest of them (2 * rank for LoRA-GA's reference and peft variants)."""
+    """What only the loaded model can tell about the targets, checked before any gradient or training work: every
+    name in adapter.targets (the default resolved to the model's names) names layers of the model (full-precision
+    nn.Linear or Conv1D). The adapter type checks the rest (loop/adapters.py: LoRA's rank fits the layers)."""
     targets = resolve_targets(model, config.adapter.targets)
     suffixes = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in suffixes]
@@ -417,16 +439,9 @@ def check_against_model(config: RunConfig, model: torch.nn.Module) -> None:
                           f"linear layers are named {', '.join(sorted(linear_names(model)))}; set adapter.targets to "
                           "some of them.")
     try:
-        layers = target_layers(model, targets)
+        target_layers(model, targets)
     except InitError as exc:
         raise ConfigError(f"adapter.targets={_show(targets)}: {exc}") from None
-    name, layer = min(layers.items(), key=lambda item: min(item[1].weight.shape))
-    limit = min(layer.weight.shape)
-    if config.init.method == "lora_ga" and config.init.lora_ga_variant != "paper":
-        limit //= 2  # these variants take the singular vectors r..2r of the gradient
-    if config.adapter.rank > limit:
-        raise ConfigError(f"adapter.rank={config.adapter.rank} is too large for model {config.model}: layer {name!r} "
-                          f"is {tuple(layer.weight.shape)}, so adapter.rank must be <= {limit}. Lower adapter.rank.")
 
 
 def config_from_items(items: list[tuple[str, Any, str]]) -> RunConfig:

@@ -1,4 +1,5 @@
 """Training-time continual-learning methods: hooks around each stage, composable with every initialisation.
+A method that reads LoRA's factors says why in `lora_only`; other adapter types (OSF) refuse it.
 
 The init writes the adapter's A and B; a method acts around training. The stage loop calls, for every active
 method, in this order:
@@ -49,6 +50,7 @@ class ContinualMethod:
 
     name: ClassVar[str] = ""
     settings: ClassVar[tuple[str, ...]] = ()  # the cl.* fields it reads
+    lora_only: ClassVar[str] = ""  # why it needs LoRA adapters (their A and B), when it does
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -118,6 +120,7 @@ class OLoRA(ContinualMethod):
 
     name = "olora"
     settings = ("olora_lambda",)
+    lora_only = "it keeps every past stage's LoRA A and penalises the new A's overlap with them"
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
@@ -155,6 +158,7 @@ class InfLoRA(ContinualMethod):
 
     name = "inflora"
     settings = ("inflora_rank", "inflora_batches", "inflora_batch_size")
+    lora_only = "it starts the new LoRA adapter's A off the past tasks' input directions"
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

@@ -6,10 +6,13 @@
     RUN/R.csv, R_loss.csv           the summary, rewritten from the stage folders after every stage: the score and
     RUN/metrics.json                answer-NLL matrices, the CL and loss metrics, GP/IP
     RUN/stages/NN/                  stage NN (01, 02, ...), its files in the order they are written:
-        init.json                   the init's record (method, cosines, decisions)
-        init_factors.safetensors    the adapter's initial A and B per layer ("<layer>.A", "<layer>.B")
+        init.json                   the init's record (method, cosines, decisions; OSF: the preserved fraction and
+                                    each layer's preserved rank)
+        init_factors.safetensors    the adapter's initial A and B per layer ("<layer>.A", "<layer>.B"); OSF: each
+                                    layer's preserved rank ("<layer>.preserved_rank"), all its start depends on
+                                    beyond the weights
         key.json                    the stage's sharing key before and after it (sharing.py)
-        adapter/                    the trained adapter (PEFT format)
+        adapter/                    the trained adapter (PEFT format: LoRA or OSF)
         timing.json                 wall seconds of each step (the only file that differs between two runs)
         cl_state.safetensors        the continual-learning methods' state (only when methods are active)
         train.json                  the loss curve; its presence marks the stage trained
@@ -33,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from .. import io
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..eval.metrics import cl_metrics, loss_metrics
+from .adapters import method_name
 
 CONFIG_FILE = "config.json"
 TASKS_FILE = "tasks.json"
@@ -140,7 +144,11 @@ def read_json(path: Path) -> Any:
 
 
 def _method_name(config: dict[str, Any], path: Path) -> str:
-    method = (config.get("init") or {}).get("method")
+    """The run's name: its init method for LoRA runs, its adapter type otherwise (adapters.method_name)."""
+    try:
+        method = method_name(config)
+    except ConfigError as exc:
+        raise DataError(f"{path}: field {exc}") from None
     if not isinstance(method, str) or not method:
         raise DataError(f"{path}: field 'init.method' must be a method name, got {method!r}")
     return method

@@ -2,8 +2,8 @@
 
 A stage's key is a hash of everything its results depend on: the key of the model it starts from (the base model's
 weights, or the previous stage's key), the adapter's initial factors (the init's whole effect on the stage: the
-absorbed base weight is W - s B0 A0), every run setting outside `init.*`, the tasks seen so far (their data), and the
-stage number. Two runs that reach the same key would train and score bitwise the same, so the second one copies the
+absorbed base weight is W - s B0 A0; for OSF, each layer's preserved rank), every run setting outside `init.*` and
+`osf.*`, the tasks seen so far (their data), and the stage number. Two runs that reach the same key would train and score bitwise the same, so the second one copies the
 first one's trained adapter, loss curve, generations and scores instead of computing them. Keys are computed from
 tensors and data, not from method names: SLICE's first stage (no replay yet) finds LoRA-GA's, and a SLICE stage whose
 gate did not fire finds the same stage of another gate or strength.
@@ -64,8 +64,8 @@ def model_key(model_ref: str, model: torch.nn.Module) -> str:
 def stage_key(previous: str, settings: dict[str, Any], seen: list[Task], stage: int,
               factors: dict[str, torch.Tensor], absorbing: bool) -> str:
     """The key of stage `stage` (1-based) after which `seen` are the tasks learned: see the module docstring.
-    `settings` is the run config without `init`, `general` and `sequence` (the init acts only through `factors`;
-    the tasks stand for the sequence)."""
+    `settings` is the run config without `init`, `osf`, `general` and `sequence` (the start acts only through
+    `factors`; the tasks stand for the sequence)."""
     return _hash("stage", __version__, previous, settings, [task_digest(t) for t in seen], stage,
                  tensor_digest(factors), absorbing)
 

@@ -1,16 +1,17 @@
 """The continual-learning stage loop, top to bottom (docs/method.md, "Protocol"):
 
     for each task T_t of the sequence:
-        1. add a fresh LoRA adapter to the current (merged) model
-        2. initialise it (a registered init; SLICE and CorDA also read a replay buffer of past tasks)
+        1. add a fresh adapter to the current (merged) model: LoRA, or PEFT's OSF (adapter.type, loop/adapters.py)
+        2. start it: a registered LoRA init (SLICE and CorDA also read a replay buffer of past tasks);
+           OSF's SVD split, keeping a growing fraction of every layer's top singular directions
         3. train only the adapter on T_t
         4. merge it into the weights
         5. evaluate every task seen so far -> row t of R (scores) and of R_loss (answer NLL)
 
-After every stage the run folder gets, atomically: the init diagnostics and initial factors, the stage's key, the
-trained adapter (PEFT format), the loss curve, every generation with its score and answer NLL, the R row, and the
-wall time of each step (timing.json, the only file that differs between two runs of the same config); the layout
-is runfolder.py's. `run` below is the loop itself, one function per step.
+After every stage the run folder gets, atomically: the init diagnostics and initial factors (OSF: the preserved
+ranks), the stage's key, the trained adapter (PEFT format), the loss curve, every generation with its score and
+answer NLL, the R row, and the wall time of each step (timing.json, the only file that differs between two runs of
+the same config); the layout is runfolder.py's. `run` below is the loop itself, one function per step.
 `resume=True` rebuilds the merged model from those files and continues after the last finished step, ending with
 the same results. With a `SharedWork` store (studies), a stage whose key another run already finished is copied
 from it instead of being trained and evaluated again (see sharing.py).
@@ -33,23 +34,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from ..data.prompts import make_batches
 from ..data.sequences import load_sequence
 from ..data.tasks import Example, Task, load_task, search_dirs
 from ..errors import RunStateError
 from ..eval.general import GeneralConfig, general_scores
 from ..eval.scoring import load_metric
 from ..eval.tasks import evaluate_task
-from ..init import InitConfig, InitReport, absorb_factors, adapter_factors, get_init, init_adapter
-from ..init.gradients import is_transposed, target_layers
+from ..init import absorb_factors, adapter_factors, get_init
 from ..io import remove_temporaries, write_json, write_text, write_with
-from ..models import load_model, peft_wrapping, resolve_targets
-from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict, library_init_config
-from .continual import ContinualMethod, Stage, active_methods, replay_buffer
+from ..models import load_model, peft_wrapping
+from .adapters import ADAPTERS, Start, StageAdapter
+from .config import RESUMABLE, RunConfig, changes, check_against_model, describe, from_dict
+from .continual import ContinualMethod, Stage, active_methods
 from .runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, CL_STATE_FILE, CONFIG_FILE, FACTORS_FILE, GENERAL_FILE,
                         GENERATIONS_FILE, INIT_FILE, KEY_FILE, SCORES_FILE, STAGES_DIR, TASKS_FILE, TIMING_FILE,
                         TRAIN_FILE, is_run_folder, stage_dir, write_run_summary)
@@ -57,22 +57,9 @@ from .sharing import SharedWork, copy_tree, general_key, model_key, stage_key
 from .tracking import Tracker
 from .train import divergence, train_adapter
 
-# InitReport fields that depend on how this run got there (timing, the cache): timing.json, not init.json
-RUN_DEPENDENT = ("seconds", "gradients_from_cache", "gradient_sets_from_cache")
-# A stage adapter's base_model_name_or_path: it fits no saved model (see STAGE_ADAPTER_README), so it names none and
-# AutoPeftModelForCausalLM fails loudly, quoting this text, instead of loading it onto the wrong weights.
+# A stage adapter's base_model_name_or_path: it fits no saved model (see each kind's readme in adapters.py), so it
+# names none and AutoPeftModelForCausalLM fails loudly, quoting this text, instead of loading onto the wrong weights.
 STAGE_ADAPTER_BASE = "not a path: a slicelora stage adapter fits the run's model before this stage, see README.md"
-STAGE_ADAPTER_README = """# A slicelora stage adapter
-
-This LoRA adapter (PEFT format) is one stage of a slicelora run. It fits no model saved anywhere: its base is the
-run's model merged up to the previous stage, and for absorbing inits (init.json: "absorbs": true) with this stage's
-initial factors subtracted (W - s B0 A0, from init_factors.safetensors). So `base_model_name_or_path` names no model.
-
-- Rebuild its base in Python: `slicelora.loop.stages.stage_base_model(run_folder, stage)`, then
-  `PeftModel.from_pretrained(base, this_folder)`.
-- Or export standard folders: `slicelora export RUN --stage t --merged DIR` (the model after the stage) or
-  `--adapter DIR` (the stage's change as a LoRA adapter on the exported model of the previous stage).
-"""
 
 
 # --- data for one stage ----------------------------------------------------------------------------------------
@@ -95,44 +82,6 @@ def training_examples(stage: Stage, config: RunConfig, methods: list[ContinualMe
     for method in methods:
         examples = method.examples(stage, examples)
     return examples
-
-
-def init_batches(learn: list[Task], past: list[Task], config: RunConfig, tokenizer, stage: int):
-    """The init's batches, as its method needs them: S of the current task(s), and for methods that read replay
-    batches (SLICE, CorDA) S per past task (each_task) or S in all (all_tasks)."""
-    cfg = config.init
-    method = get_init(cfg.method)
-    if method.data == "none":
-        return [], []
-    kw = dict(tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=config.train.max_length,
-              loss_on=cfg.loss_on, seed=config.seed + stage, num_batches=cfg.batches)
-    current = make_batches([ex for task in learn for ex in task.train], **kw)
-    if not method.uses_replay or not past:
-        return current, []
-    buffers = [replay_buffer(old, cfg.replay_buffer, config.seed) for old in past]
-    if cfg.replay_batching == "each_task":
-        return current, [b for buffer in buffers for b in make_batches(buffer, **kw)]
-    return current, make_batches([ex for buffer in buffers for ex in buffer], **kw)
-
-
-def lora_config(config: RunConfig, model: torch.nn.Module) -> LoraConfig:
-    """The stage adapter's PEFT config on `model`: adapter.targets resolved to its layer names, fan_in_fan_out for
-    GPT-2's Conv1D layers (weights stored transposed)."""
-    a = config.adapter
-    transposed = any(is_transposed(layer) for layer in target_layers(model, a.targets).values())
-    return LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, use_rslora=True,
-                      target_modules=list(resolve_targets(model, a.targets)), init_lora_weights=True,
-                      **({"fan_in_fan_out": True} if transposed else {}))
-
-
-def init_config(config: RunConfig, stage: int, shared: SharedWork | None = None) -> InitConfig:
-    """The init library's settings for stage `stage`: every field the run config's init section shares with
-    InitConfig, plus what the loop decides: the seed, the targets, gradient checkpointing as in training, gradient
-    passes under bf16 autocast when training uses it (init.autocast), and the shared store's gradient cache."""
-    return library_init_config(
-        config.init, seed=config.seed + stage, targets=tuple(config.adapter.targets),
-        gradient_checkpointing=config.train.gradient_checkpointing, autocast=config.init.autocast and config.train.bf16,
-        gradient_cache_dir=shared.gradient_cache() if shared is not None else None)
 
 
 # --- run folder ------------------------------------------------------------------------------------------------
@@ -192,7 +141,7 @@ def _write_run_dir(run_dir: Path, config: RunConfig, previous: RunConfig | None,
     write_json(run_dir / TASKS_FILE, [task.name for task in tasks])
 
 
-def _save_adapter(path: Path, model: PeftModel) -> None:
+def _save_adapter(path: Path, model: PeftModel, readme: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for config in model.peft_config.values():
@@ -200,7 +149,7 @@ def _save_adapter(path: Path, model: PeftModel) -> None:
             config.target_modules = sorted(config.target_modules)
         config.base_model_name_or_path = STAGE_ADAPTER_BASE
     model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary is never resized; no base to compare
-    (tmp / "README.md").write_text(STAGE_ADAPTER_README, encoding="utf-8")  # PEFT's card names the raw base model
+    (tmp / "README.md").write_text(readme, encoding="utf-8")  # PEFT's card names the raw base model
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -250,13 +199,14 @@ def stage_base_model(run_dir: str | Path, stage: int) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class _Run:
-    """What every step of a run uses: its settings and folder, the tokenizer, the processes, the continual-learning
-    methods and the shared store (None outside studies)."""
+    """What every step of a run uses: its settings and folder, the tokenizer, the processes, the stage adapter's
+    kind, the continual-learning methods and the shared store (None outside studies)."""
 
     config: RunConfig
     dir: Path
     tokenizer: PreTrainedTokenizerBase
     accelerator: Accelerator
+    adapter: StageAdapter
     methods: list[ContinualMethod]
     shared: SharedWork | None
     tracker: Tracker
@@ -272,11 +222,10 @@ class _Run:
 
 @dataclass(frozen=True)
 class _Init:
-    """Step 2's outcome: the init's record, the adapter's initial factors, the stage's keys before and after it, and
-    a finished stage with the same key in the shared store (None: train here)."""
+    """Step 2's outcome: how the adapter started, the stage's keys before and after it, and a finished stage with the
+    same key in the shared store (None: train here)."""
 
-    report: InitReport
-    factors: dict[str, torch.Tensor]
+    start: Start
     keys: dict[str, str | None]
     source: Path | None
 
@@ -309,10 +258,10 @@ def run(
         timing = json.loads((folder / TIMING_FILE).read_text()) if (folder / TIMING_FILE).is_file() else {}
         if not trained:
             start = time.perf_counter()
-            adapter = _fresh_adapter(model, config)                                             # 1.
+            adapter = _fresh_adapter(ctx, model, stage)                                         # 1.
             init = _initialise(ctx, adapter, stage, key)                                        # 2.
             timing = {"init": time.perf_counter() - start,
-                      "gradient_sets_from_cache": init.report.gradient_sets_from_cache,
+                      "gradient_sets_from_cache": init.start.cached,
                       "shared": init.source is not None}
             curve, timing["train"] = _train(ctx, adapter, stage, init.source)                   # 3.
             _save_trained(ctx, folder, stage, adapter, init, timing)
@@ -342,6 +291,7 @@ def _prepare(config: RunConfig, run_dir: Path, resume: bool, accelerator: Accele
                        allow_reasoning_variant=config.allow_reasoning_variant) for ref in sequence.tasks]
     for task in tasks:  # before any training: a metric that cannot be loaded (xlingual ROUGE-L's tokenizer) stops here
         load_metric(task.metric if config.eval.scoring == "paper" else task.native_metric)
+    adapter = ADAPTERS[config.adapter.type](config, len(stage_groups(tasks, config)))
     for task in tasks if main else []:
         if len(task.heldout) < config.eval.examples:
             warnings.warn(f"task {task.name} holds out {len(task.heldout)} examples, fewer than eval.examples="
@@ -349,13 +299,14 @@ def _prepare(config: RunConfig, run_dir: Path, resume: bool, accelerator: Accele
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model, tokenizer = load_model(config.model, dtype=dtype, device=accelerator.device)
     check_against_model(config, model)
+    adapter.check(model)
     methods = active_methods(config)
     for method in methods:
         method.check(model)
     if main:  # nothing is written before the settings, the data and the model have passed their checks
         _write_run_dir(run_dir, config, previous, tasks)
     tracker = Tracker(run_dir, config, enabled=main)
-    return _Run(config, run_dir, tokenizer, accelerator, methods, shared, tracker), tasks, model
+    return _Run(config, run_dir, tokenizer, accelerator, adapter, methods, shared, tracker), tasks, model
 
 
 def _stages(tasks: list[Task], config: RunConfig) -> list[Stage]:
@@ -373,27 +324,21 @@ def _resume_stage(ctx: _Run, model: torch.nn.Module, folder: Path) -> tuple[torc
     return model, key
 
 
-def _fresh_adapter(model: torch.nn.Module, config: RunConfig) -> PeftModel:
-    """1. A fresh LoRA adapter on the current merged model."""
-    with peft_wrapping():
-        return get_peft_model(model, lora_config(config, model))
+def _fresh_adapter(ctx: _Run, model: torch.nn.Module, stage: Stage) -> PeftModel:
+    """1. A fresh adapter of the run's kind on the current merged model."""
+    return ctx.adapter.wrap(model, stage.number)
 
 
 def _initialise(ctx: _Run, model: PeftModel, stage: Stage, key: str | None) -> _Init:
-    """2. Initialise the adapter with this process's share of the init's batches (the methods name the input
+    """2. Start the adapter (a LoRA init runs on this process's share of its batches, the methods naming the input
     directions it must not read), then look up the stage's key in the shared store."""
-    config, (rank, world) = ctx.config, ctx.shard
-    current, replay = init_batches(stage.learn, stage.past, config, ctx.tokenizer, stage.number)
-    subspaces = {name: u for method in ctx.methods for name, u in method.input_subspaces(stage).items()}
-    report = init_adapter(model, config.init.method, init_config(config, stage.number, ctx.shared),
-                          current=current[rank::world], replay=replay[rank::world] or None,
-                          input_subspaces=subspaces or None)
-    factors = adapter_factors(model)
-    after = key and stage_key(key, stage_settings(config), stage.past + stage.learn, stage.number, factors,
-                              report.absorbs)
+    start = ctx.adapter.start(model, stage, tokenizer=ctx.tokenizer, shard=ctx.shard, methods=ctx.methods,
+                              shared=ctx.shared)
+    after = key and stage_key(key, stage_settings(ctx.config), stage.past + stage.learn, stage.number,
+                              start.factors, start.absorbs)
     source = ctx.shared.find_stage(after) if ctx.shared is not None and key else None
     _fault_point(stage.number, "init")
-    return _Init(report, factors, {"before": key, "after": after}, source)
+    return _Init(start, {"before": key, "after": after}, source)
 
 
 def _train(ctx: _Run, model: PeftModel, stage: Stage, source: Path | None) -> tuple[dict, float]:
@@ -420,13 +365,11 @@ def _save_trained(ctx: _Run, folder: Path, stage: Stage, model: PeftModel, init:
     """The stage's files once trained, but for the methods' state and train.json (after the merge)."""
     if not ctx.main:
         return
-    write_with(folder / FACTORS_FILE, lambda p: save_file(init.factors, str(p)))
-    record = {k: v for k, v in init.report.to_dict().items() if k not in RUN_DEPENDENT}
-    write_json(folder / INIT_FILE, {**record, "stage": stage.number, "task": _label(stage.learn),
-                                    "tau": ctx.config.init.gate})
+    write_with(folder / FACTORS_FILE, lambda p: save_file(init.start.factors, str(p)))
+    write_json(folder / INIT_FILE, {**init.start.record, "stage": stage.number, "task": _label(stage.learn)})
     write_json(folder / KEY_FILE, init.keys)
     if init.source is None:
-        _save_adapter(folder / ADAPTER_DIR, model)
+        _save_adapter(folder / ADAPTER_DIR, model, ctx.adapter.readme)
     else:
         copy_tree(init.source / ADAPTER_DIR, folder / ADAPTER_DIR)
     write_json(folder / TIMING_FILE, timing)
@@ -531,8 +474,9 @@ def _read_key(folder: Path) -> str | None:
 
 
 def stage_settings(config: RunConfig) -> dict:
-    """The settings a stage's results depend on besides its initial factors and tasks (see sharing.stage_key)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("init", "general", "sequence", "track")}
+    """The settings a stage's results depend on besides its start's tensors and tasks (see sharing.stage_key): the
+    start's own settings (init.*, osf.*) act through those tensors only."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("init", "osf", "general", "sequence", "track")}
 
 
 def _general(ctx: _Run, model: torch.nn.Module, which: str, known: dict | None, key: str | None) -> dict:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -46,11 +46,11 @@ def _diverged(loss: float, norm: float, accelerator: Accelerator) -> bool:
 
 
 def _finite_update(model: torch.nn.Module) -> bool:
-    """Whether every LoRA layer's weight change (the scaled B A that the merge adds) is finite: finite factors can
-    still overflow in their product."""
+    """Whether every adapter layer's weight change (what the merge adds: LoRA's s B A, OSF's change of its trained
+    part) is finite: finite factors can still overflow in their product."""
     with torch.no_grad():
         return all(torch.isfinite(module.get_delta_weight(name)).all() for module in model.modules()
-                   if isinstance(module, LoraLayer) for name in module.active_adapters)
+                   if isinstance(module, BaseTunerLayer) for name in module.active_adapters)
 
 
 def divergence(what: str, cfg: TrainSection) -> TrainingDiverged:
@@ -73,7 +73,7 @@ def train_adapter(
     desc: str = "train",
     penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> dict:
-    """Train the trainable parameters of `model` (the LoRA adapter) on `examples`; return the loss curve and how
+    """Train the trainable parameters of `model` (the stage's adapter) on `examples`; return the loss curve and how
     many prompts were cut from the left to fit train.max_length. `penalty()`, when given, is added once to every
     optimisation step's loss (a continual-learning method's term); the curve records the language-model loss and,
     separately, the penalty. A non-finite loss or gradient norm stops training with TrainingDiverged before the

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from slicelora import io
-from slicelora.errors import DataError
+from slicelora.errors import ConfigError, DataError
+from slicelora.loop.adapters import method_name
+from slicelora.loop.config import flatten
 from slicelora.loop.runfolder import (Examples, Run, finished_stages, general_summary, is_run_folder, read_examples,
                                       read_json, read_run)
 from slicelora.report.plots import (SCORE_CMAP, as_number, curve_axis, curve_legend, gate_tau, new_figure, save_png,
@@ -118,14 +120,17 @@ class StudyResults:
         return next((c.run.tasks for c in self.cells if c.sequence == sequence and c.run is not None), [])
 
     def method(self, variant: str) -> str:
-        """The variant's init method, from its runs, else from the spec (the variant's override or the base)."""
+        """The variant's method (its init method, or its adapter type when that is not LoRA), from its runs, else
+        from the spec (the variant's overrides over the base)."""
         found = next((c.run.method for c in self.cells if c.variant == variant and c.run is not None), None)
         if found:
             return found
         override = (self.spec.get("variants") or {}).get(variant) or {}
         base = self.spec.get("base") or {}
-        init = base.get("init") if isinstance(base.get("init"), dict) else {}
-        return str(override.get("init.method") or init.get("method") or base.get("init.method") or "?")
+        try:
+            return str(method_name({**flatten(base), **flatten(override)}) or "?")
+        except ConfigError:
+            return "?"
 
 
 def _read_cell(study_dir: Path, entry: Any, where: str) -> CellResult:

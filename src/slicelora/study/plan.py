@@ -20,28 +20,14 @@ from dataclasses import dataclass
 from ..data.prompts import make_batches
 from ..data.sequences import load_sequence
 from ..data.tasks import load_task, search_dirs
+from ..loop.adapters import ADAPTERS
 from ..loop.config import RunConfig, flatten
-from ..init import get_init
-from ..init.registry import settings_of
-from ..loop.stages import init_config, stage_groups, stage_settings
+from ..loop.stages import stage_groups, stage_settings
 from .spec import Study
 
 
 def _h(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def effective_init(config: RunConfig, stage: int) -> tuple:
-    """What a stage's init depends on besides the model: the method's settings and, for methods with data, how its
-    gradient batches are made (replay ones only from stage 2, the first stage having no past tasks)."""
-    c, spec = config.init, get_init(config.init.method)
-    replay = spec.uses_replay and stage > 1
-    out = (c.method, sorted(settings_of(spec, init_config(config, stage), combined=replay).items()))
-    if spec.data != "none":
-        out += ((c.batches, c.batch_size, c.loss_on, c.autocast),)
-    if replay:
-        out += ((c.replay_buffer, c.replay_batching),)
-    return out
 
 
 @dataclass
@@ -87,6 +73,7 @@ def count_work(study: Study) -> Work:
                            allow_reasoning_variant=config.allow_reasoning_variant) for r in refs]
         sig = _h(config.model, config.seed)
         groups = stage_groups(tasks, config)
+        adapter = ADAPTERS[config.adapter.type](config, len(groups))
         for t, learn in enumerate(groups, start=1):
             seen = [task for group in groups[:t] for task in group]
             past = seen[:len(seen) - len(learn)]
@@ -96,15 +83,14 @@ def count_work(study: Study) -> Work:
             evals = sum(min(config.eval.examples, len(s.heldout)) for s in seen)
             names = tuple(task.name for task in learn)
             grad_sets = []
-            spec = get_init(config.init.method)
-            if spec.data != "none":
+            if adapter.data != "none":
                 grad_sets.append(((sig, "current", names, config.init.batches, config.init.batch_size,
                                    config.init.loss_on, config.init.autocast), config.init.batches))
-                if spec.uses_replay and t > 1:
+                if adapter.uses_replay and t > 1:
                     n = config.init.batches * ((t - 1) if config.init.replay_batching == "each_task" else 1)
                     grad_sets.append(((sig, "replay", config.init.batch_size, config.init.loss_on,
                                        config.init.replay_buffer, config.init.replay_batching, config.init.autocast), n))
-            new = _h(sig, effective_init(config, t), stage_settings(config), t, names)
+            new = _h(sig, adapter.signature(t), stage_settings(config), t, names)
             first = new not in stages
             stages[new] += 1
             for key, n in grad_sets:
@@ -122,24 +108,21 @@ def count_work(study: Study) -> Work:
 
 
 def calibrate(study: Study) -> dict[str, float]:
-    """Seconds per training batch, per gradient batch and per scored example, measured on the first cell's model
-    and first task (a few batches each)."""
+    """Seconds per training batch, per gradient batch and per scored example, measured on the first cell's model,
+    adapter and first task (a few batches each)."""
     import torch
-    from peft import get_peft_model
 
     from ..eval.tasks import evaluate_task
     from ..init.gradients import accumulate_gradients
-    from ..loop.stages import lora_config
     from ..init.gradients import bf16_supported
-    from ..models import load_model, peft_wrapping
+    from ..models import load_model
 
     config = study.config(study.cells()[0])
     task = load_task(load_sequence(config.sequence).tasks[0], search_dirs(config.data_dirs, config.data_only),
                      heldout_size=config.eval.heldout_size, seed=config.seed,
                      allow_reasoning_variant=config.allow_reasoning_variant)
     model, tokenizer = load_model(config.model)
-    with peft_wrapping():
-        peft_model = get_peft_model(model, lora_config(config, model))
+    peft_model = ADAPTERS[config.adapter.type](config, 1).wrap(model, 1)
     device = torch.device("cpu")
     autocast = config.train.bf16 and bf16_supported(device)
     batches = make_batches(task.train, tokenizer, config.train.batch_size, config.train.max_length,
@@ -178,11 +161,17 @@ def plan_study(study: Study, *, workers: int = 1, measure: bool = True) -> str:
 LONG_ON_CPU = 3600.0  # seconds: runs expected to take longer than this on a CPU get a warning
 
 
+METHOD_KEYS = ("adapter.type", "init.method")  # what a method's name selects (adapters.method_overrides)
+
+
 def runs_as_study(configs: dict[str, RunConfig]) -> Study:
-    """The runs of one or more methods on one sequence (configs that differ only in init.method) as a one-seed study."""
+    """The runs of one or more methods on one sequence (configs that differ only in what a method's name selects:
+    adapter.type, init.method) as a one-seed study."""
     first = next(iter(configs.values()))
-    base = {k: v for k, v in flatten(first.to_dict()).items() if k not in ("sequence", "seed", "init.method")}
-    return Study(base=base, variants={name: {"init.method": c.init.method} for name, c in configs.items()},
+    base = {k: v for k, v in flatten(first.to_dict()).items() if k not in ("sequence", "seed", *METHOD_KEYS)}
+    variants = {name: {k: v for k, v in flatten(c.to_dict()).items() if k in METHOD_KEYS}
+                for name, c in configs.items()}
+    return Study(base=base, variants=variants,
                  sequences={"sequence": first.sequence}, seeds=[first.seed], reference=[next(iter(configs))],
                  source="run config")
 
@@ -194,7 +183,7 @@ def plan_runs(configs: dict[str, RunConfig]) -> str:
     text, seconds = _plan(runs_as_study(configs), 1, True)
     paper = flatten(RunConfig().to_dict())
     differ = [f"{k}={v!r} (paper: {paper[k]!r})" for k, v in flatten(first.to_dict()).items()
-              if k in paper and v != paper[k] and k not in ("init.method",)]
+              if k in paper and v != paper[k] and k not in METHOD_KEYS]
     text += "\n## Settings that differ from the paper's\n\n" + ("".join(f"- {d}\n" for d in differ) or "- none\n")
     import torch
 

@@ -25,7 +25,7 @@ import yaml
 
 from ..data.sequences import inline_sequence, load_sequence
 from ..errors import ConfigError, SliceLoraError
-from ..loop.config import RunConfig, config_from_items, flatten
+from ..loop.config import RunConfig, check_adapter_settings, config_from_items, flatten
 
 KEYS = ("base", "variants", "sequences", "seeds", "reference")
 GRID_AXES = ("sequence", "seed")  # set by the grid, not by a variant or the base
@@ -131,7 +131,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: str 
 
 def parse_study(data: Any, where: str = "study") -> Study:
     """Check a study mapping (see the module docstring) and build every cell's config once, so a bad key or value
-    anywhere in the grid fails here, before any model is loaded."""
+    anywhere in the grid fails here, before any model is loaded. A variant may not set what its own adapter type
+    ignores (e.g. init.method with adapter.type=osf); the base's settings are shared and may concern some variants
+    only."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with keys {', '.join(KEYS)}.")
     for key in data:
@@ -148,7 +150,11 @@ def parse_study(data: Any, where: str = "study") -> Study:
                   seeds=_seeds(data["seeds"], where), reference=_reference(data.get("reference"), variants, where),
                   source=where)
     for cell in study.cells():
-        study.config(cell)
+        config = study.config(cell)
+        try:
+            check_adapter_settings(config, set(variants[cell.variant]))
+        except ConfigError as exc:
+            raise ConfigError(f"{where} variant {cell.variant!r}: {exc}") from None
     return study
 
 
