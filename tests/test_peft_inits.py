@@ -14,7 +14,7 @@ from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 from safetensors.torch import load_file
 
-import slicelora.loop.stages as stages
+import slicelora.loop.adapters as adapters
 from conftest import RESUME_SCRIPT, SMALL, assert_same_run, crash_at, logits, small_config, wrap
 from slicelora.errors import ConfigError, InitError
 from slicelora.init import InitConfig, init_adapter
@@ -145,7 +145,7 @@ def test_corda_in_the_loop_keeps_what_the_replay_buffer_knows(tiny_folder, tmp_p
         given.append(kwargs)
         return init_adapter(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "init_adapter", recorded)
+    monkeypatch.setattr(adapters, "init_adapter", recorded)
     out = run(small_config(tiny_folder, "init.method=corda"), tmp_path / "corda")
     records = [json.loads((out / "stages" / f"{t:02d}" / "init.json").read_text()) for t in (1, 2, 3)]
     assert [(r["settled"], r["current_batches"], r["replay_batches"]) for r in records] == [
