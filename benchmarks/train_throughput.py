@@ -57,18 +57,20 @@ def olora_costs(args, examples, cfg: TrainSection) -> dict[str, float]:
 
     run_config = load_config(None, ["cl.method=olora", f"adapter.rank={args.rank}"])
     out: dict[str, float] = {"past_stages": args.past_stages, "rounds": args.rounds}
+    model, tokenizer = fresh_peft(args.model, args.rank)  # warm-up: the first training in a process is slower
+    train_adapter(model, tokenizer, examples[:cfg.batch_size], cfg, Accelerator(cpu=True), seed=0)
     plain, olora_times = [], []
     for k in range(args.rounds):
-        model, tokenizer = fresh_peft(args.model, args.rank)
-        start = time.perf_counter()
-        train_adapter(model, tokenizer, examples, cfg, Accelerator(cpu=True), seed=0)
-        plain.append(time.perf_counter() - start)
-        model, tokenizer = fresh_peft(args.model, args.rank)
-        olora = olora_with_anchors(args, run_config, model)
-        start = time.perf_counter()
-        train_adapter(model, tokenizer, examples, cfg, Accelerator(cpu=True), seed=0,
-                      penalty=lambda: olora.penalty(model))
-        olora_times.append(time.perf_counter() - start)
+        times = {}
+        for kind in ("plain", "olora") if k % 2 == 0 else ("olora", "plain"):  # alternate which goes first
+            model, tokenizer = fresh_peft(args.model, args.rank)
+            olora = olora_with_anchors(args, run_config, model)
+            start = time.perf_counter()
+            train_adapter(model, tokenizer, examples, cfg, Accelerator(cpu=True), seed=0,
+                          penalty=(lambda: olora.penalty(model)) if kind == "olora" else None)
+            times[kind] = time.perf_counter() - start
+        plain.append(times["plain"])
+        olora_times.append(times["olora"])
         out[f"round{k + 1}_ratio_olora_over_plain"] = plain[-1] / olora_times[-1]
     out["ours_seconds"], out["olora_seconds"] = median(plain), median(olora_times)
     out["ratio_olora_over_plain"] = median(p / o for p, o in zip(plain, olora_times))
