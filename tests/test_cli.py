@@ -225,6 +225,7 @@ def test_a_long_cpu_run_gets_a_note_with_the_work_ahead(monkeypatch):
     (["init.method=vanilla", "init.selection=top_r"], "init.selection is read only with init.method=lora_ga or "
                                                       "init.method=slice"),
     (["cl.method=olora", "cl.inflora_rank=8"], "cl.inflora_rank is read only with cl.method=inflora"),
+    (["init.method=slice", "init.gamma=8"], "init.gamma is read only with init.method=lora_ga"),
 ])
 def test_a_setting_for_a_method_that_is_not_selected_is_refused(tmp_path, settings, expected):
     code, output = invoke("run", "-o", str(tmp_path / "out"), *sets(*settings))

@@ -102,7 +102,7 @@ def test_median_rule_fires_below_the_median_minus_delta():
     cosines = {k: cosine({k: cur[k]}, {k: rep[k]}) for k in cur}
     delta = 0.05
     _, report = project_conflicting(cur, rep, mode="per_layer", settings=ProjectionSettings(gate_rule="median",
-                                                                                              delta=delta))
+                                                                                              gate_delta=delta))
     tau = sorted(cosines.values())[2] - delta
     assert report.threshold == pytest.approx(tau)
     assert {k: l.fired for k, l in report.layers.items()} == {k: c < tau for k, c in cosines.items()}

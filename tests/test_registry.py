@@ -53,6 +53,35 @@ def test_builtin_methods_are_registered_once_with_their_records():
         register_init(get_init("slice"))
 
 
+def test_each_methods_settings_are_declared_once_in_its_dataclasses():
+    """A method's settings are the fields of its settings dataclasses; InitConfig (the library) and the run
+    config's init section inherit those declarations: same names, types and defaults, and the choices come from
+    their Literal types."""
+    from dataclasses import fields
+
+    from slicelora.init import InitConfig
+    from slicelora.loop.config import CHOICES, InitSection, RunConfig
+
+    assert get_init("vanilla").setting_names() == ("seed",)
+    assert get_init("loram").setting_names() == ()
+    assert set(get_init("lora_ga").setting_names()) == {"lora_ga_variant", "gamma", "selection", "niter", "seed"}
+    assert set(get_init("slice").setting_names(combined=False)) == {"selection", "niter", "seed"}
+    assert {"strength", "gate", "surgery_mode", "projection", "phi", "gate_delta"} <= set(
+        get_init("slice").setting_names())
+    defaults, section = InitConfig(), RunConfig().init
+    for name in init_names():
+        for cls in get_init(name).settings + get_init(name).combine_settings:
+            for f in fields(cls):
+                assert isinstance(InitConfig(), cls)
+                if f.name != "seed":  # the run's seed (plus the stage) is the init's
+                    assert issubclass(InitSection, cls) and getattr(section, f.name) == getattr(defaults, f.name)
+    assert CHOICES["init.corda_mode"] == ("kpm", "ipm") and CHOICES["init.lora_ga_variant"] == ("paper", "reference",
+                                                                                                 "peft")
+    assert load_config(None, ["init.gamma=8", "init.niter=2"]).init.gamma == 8.0
+    with pytest.raises(ConfigError, match="init.gamma"):
+        load_config(None, ["init.gamma=-1"])
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(data="activations"), "must be one of none, current, replay, inputs, replay_inputs"),
     (dict(data="inputs"), "prepare step goes with data='inputs' or 'replay_inputs'"),
@@ -61,6 +90,7 @@ def test_builtin_methods_are_registered_once_with_their_records():
     (dict(data="replay"), "combine step goes with data='replay'"),
     (dict(combine=lambda c, r, cfg: (c, None)), "combine step goes with data='replay'"),
     (dict(factors=None), "nothing to absorb"),
+    (dict(settings=("strength",)), "settings and combine_settings name settings dataclasses"),
 ])
 def test_inconsistent_definitions_are_refused(fields, message):
     definition = dict(name="bad", data="current", absorbs=True, factors=_toy_factors, summary="")

@@ -37,16 +37,60 @@ from .gradients import (
 )
 from .registry import LayerInput, get_init
 from .sharding import assign_, gather, is_sharded, joint_key, per_rank, reshard_all
-from .surgery import GateRule, Projection, ProjectionSettings, SurgeryMode, SurgeryReport
+from .surgery import ProjectionSettings, SurgeryMode, SurgeryReport
 
 LORA_GA_VARIANTS = ("paper", "reference", "peft")
 Batches = Iterable[Mapping[str, torch.Tensor]]
 SET_NAMES = {"current": "current task", "replay": "replay"}
 
 
+# --- each method's settings: a small dataclass per method (a registration names the ones its method reads) -----
+
 @dataclass
-class InitConfig:
-    """How to initialise; rank and scaling come from the PEFT adapter itself.
+class SeedSettings:
+    seed: int = 42  # the SVD's random start (and vanilla's Kaiming draw, PiSSA's randomised SVD)
+
+
+@dataclass
+class SvdSettings:
+    """How LoRA-GA (and SLICE, which is LoRA-GA on the surgically combined gradient) take the gradient's SVD."""
+
+    selection: Selection = "lora_ga"  # which singular vectors the paper variant uses
+    niter: int = 4  # subspace iterations of the randomised SVD
+
+
+@dataclass
+class LoraGASettings:
+    lora_ga_variant: Literal["paper", "reference", "peft"] = "paper"
+    gamma: float = 16.0  # the reference / peft variants' stable scale d_out^(1/4) / sqrt(gamma)
+
+
+@dataclass
+class SliceSettings(ProjectionSettings):
+    """SLICE's surgery: the strength c, the gate tau, global or per-layer decisions, and the projection variant
+    (surgery.ProjectionSettings: which correction, when it fires, its parameters)."""
+
+    strength: float = 1.0  # c
+    gate: float = 0.0  # tau: project only when cos < tau
+    surgery_mode: SurgeryMode = "global"
+
+
+@dataclass
+class PissaSettings:
+    pissa_niter: int | None = None  # None = exact SVD of W (PEFT's "pissa"); n = PEFT's "pissa_niter_n"
+
+
+@dataclass
+class CordaSettings:
+    # kpm keeps the replay batches' knowledge in the frozen weight (ipm when there are none); ipm previews the
+    # current task
+    corda_mode: Literal["kpm", "ipm"] = "kpm"
+
+
+@dataclass
+class InitConfig(SeedSettings, SvdSettings, LoraGASettings, SliceSettings, PissaSettings, CordaSettings):
+    """How to initialise: every method's settings (the classes above; each method reads its own) and how the
+    gradients are computed. Rank and scaling come from the PEFT adapter itself.
 
     `autocast`: run the gradient passes under bfloat16 autocast, as training does, where the device does bf16
     natively (`bf16_supported`; elsewhere they stay float32). The buffers stay float32; the gradients are those of
@@ -60,27 +104,6 @@ class InitConfig:
     SLICE at one stage share the current-task gradients. Set one of the two at most.
     """
 
-    lora_ga_variant: Literal["paper", "reference", "peft"] = "paper"
-    selection: Selection = "lora_ga"  # which singular vectors SLICE / LoRA-GA paper use
-    strength: float = 1.0  # SLICE's c
-    gate: float = 0.0  # SLICE's tau: project only when cos < tau
-    surgery_mode: SurgeryMode = "global"
-    # SLICE's projection variants (surgery.ProjectionSettings): which correction, when it fires, its parameters
-    projection: Projection = "pcgrad"
-    gate_rule: GateRule = "fixed"  # fixed: cos < gate (GradVac: cos < phi); median: per-layer median - gate_delta
-    phi: float = 0.0  # GradVac's target cosine
-    retain: float = 1.0  # retain-add: g = g_cur - retain * g_rep
-    null_rank: int | None = None  # null-space: at most this many replay directions removed
-    null_threshold: float = 0.0  # null-space: only directions with sigma_i / sigma_max >= this
-    gate_delta: float = 0.0  # median rule: tau_l = median of the layers' cosines - gate_delta
-    preserve_magnitude: bool = False  # rescale the projected gradient to the norm it had before
-    pissa_niter: int | None = None  # PiSSA: None = exact SVD of W (PEFT's "pissa"); n = PEFT's "pissa_niter_n"
-    # CorDA: kpm keeps the replay batches' knowledge in the frozen weight (ipm when there are none), ipm previews
-    # the current task
-    corda_mode: Literal["kpm", "ipm"] = "kpm"
-    gamma: float = 16.0  # the reference / peft variants' stable scale d_out^(1/4) / sqrt(gamma)
-    seed: int = 42  # the SVD's random start (and vanilla's Kaiming draw)
-    niter: int = 4
     offload_to_cpu: bool = False  # keep gradient buffers in CPU memory
     gradient_checkpointing: bool = False  # recompute activations in the gradient passes (large models)
     autocast: bool = False  # gradient passes under bf16 autocast where the device supports it
@@ -109,14 +132,6 @@ class InitReport:
         out = asdict(self)
         out["surgery"] = self.surgery.to_dict() if self.surgery else None
         return out
-
-
-def projection_settings(config: InitConfig) -> ProjectionSettings:
-    """The surgery's variant settings held in `config`."""
-    return ProjectionSettings(
-        projection=config.projection, gate_rule=config.gate_rule, phi=config.phi, retain=config.retain,
-        null_rank=config.null_rank, null_threshold=config.null_threshold, delta=config.gate_delta,
-        preserve_magnitude=config.preserve_magnitude)
 
 
 def _lora_layers(model: torch.nn.Module, adapter: str, targets: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -255,7 +270,7 @@ def init_adapter(
     if config.gradient_cache and config.gradient_cache_dir:
         raise InitError("set gradient_cache (one file) or gradient_cache_dir (a folder of gradient sets), not both.")
     if spec.combine is not None:
-        projection_settings(config).check(config.surgery_mode)
+        config.check(config.surgery_mode)
     start = time.perf_counter()
     report = InitReport(method=method, absorbs=spec.absorbs)
     reshard_all(model)

@@ -22,7 +22,8 @@ from peft.tuners.lora.eva import get_eva_state_dict
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from ..errors import InitError
-from .adapter import InitConfig, projection_settings
+from .adapter import (CordaSettings, InitConfig, LoraGASettings, PissaSettings, SeedSettings, SliceSettings,
+                      SvdSettings)
 from .decompose import dst_basis, lowrank_svd, select_factors, variance_matched_scale
 from .gradients import canonical_name
 from .registry import Factors, Gradients, InitMethod, LayerInput, Prepared, register_init
@@ -62,7 +63,7 @@ def _slice(layer: LayerInput, config: InitConfig) -> Factors:
 
 def _surgery(current: Gradients, replay: Gradients, config: InitConfig) -> tuple[Gradients, SurgeryReport]:
     return project_conflicting(current, replay, strength=config.strength, gate=config.gate, mode=config.surgery_mode,
-                               settings=projection_settings(config), inplace=True)
+                               settings=config, inplace=True)
 
 
 def _loram(layer: LayerInput, config: InitConfig) -> Factors:
@@ -93,23 +94,21 @@ def _pissa(layer: LayerInput, config: InitConfig) -> Factors:
 
 
 register_init(InitMethod(
-    "vanilla", data="none", absorbs=False, factors=None, settings=("seed",),
+    "vanilla", data="none", absorbs=False, factors=None, settings=(SeedSettings,),
     summary="PEFT's default LoRA init: A Kaiming-uniform, B = 0."))
 register_init(InitMethod(
     "lora_ga", data="current", absorbs=True, factors=_lora_ga,
-    settings=("lora_ga_variant", "selection", "gamma", "seed", "niter"),
+    settings=(LoraGASettings, SvdSettings, SeedSettings),
     summary="LoRA-GA: factors from the SVD of the current task's gradient (variants paper, reference, peft)."))
 register_init(InitMethod(
-    "loram", data="none", absorbs=True, factors=_loram, settings=(),
+    "loram", data="none", absorbs=True, factors=_loram,
     summary="LoRAM: fixed DST-I bases, variance-matched to the weight; no data."))
 register_init(InitMethod(
     "slice", data="replay", absorbs=True, factors=_slice, combine=_surgery,
-    settings=("selection", "seed", "niter"),
-    combine_settings=("strength", "gate", "surgery_mode", "projection", "gate_rule", "phi", "retain", "null_rank",
-                      "null_threshold", "gate_delta", "preserve_magnitude"),
+    settings=(SvdSettings, SeedSettings), combine_settings=(SliceSettings,),
     summary="SLICE: LoRA-GA (paper) on the current gradient after one-sided surgery against the replay gradient."))
 register_init(InitMethod(
-    "pissa", data="none", absorbs=True, factors=_pissa, settings=("pissa_niter", "seed"),
+    "pissa", data="none", absorbs=True, factors=_pissa, settings=(PissaSettings, SeedSettings),
     summary="PiSSA (PEFT's implementation): A and B from the weight's top r singular directions, absorbed."))
 
 
@@ -211,7 +210,7 @@ def _corda(layer: LayerInput, config: InitConfig) -> Factors:
 
 register_init(InitMethod(
     "corda", data="replay_inputs", absorbs=True, factors=_corda, prepare=_corda_covariances,
-    settings=("corda_mode",),
+    settings=(CordaSettings,),
     summary="CorDA (PEFT's implementation): factors from the SVD of W times each layer's input covariance, absorbed; "
             "kpm (default) takes the r smallest components under the replay buffer's covariance (ipm at the first "
             "stage), ipm the r largest under the current task's."))

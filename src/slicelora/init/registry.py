@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -84,8 +84,10 @@ class InitMethod:
     batches the current gradients are used as they are. `prepare`: for `data="inputs"` or `"replay_inputs"`, (PEFT
     model, the current batches, the replay batches (always empty for "inputs"; empty at a first stage), config,
     adapter name) -> `Prepared`.
-    `settings` / `combine_settings`: the InitConfig fields that `factors` / `combine` read (the study planner uses
-    them to tell which settings change a stage's result).
+    `settings` / `combine_settings`: the settings dataclasses (init.adapter: SeedSettings, SvdSettings, ...) whose
+    fields `factors` / `combine` read; InitConfig holds them all. The run config's init.* keys, the refusal of a
+    setting the selected method ignores, and the study planner's prediction of which settings change a stage's
+    result derive from them.
     """
 
     name: str
@@ -95,8 +97,8 @@ class InitMethod:
     summary: str
     combine: Callable[[Gradients, Gradients, InitConfig], tuple[Gradients, SurgeryReport]] | None = None
     prepare: Callable[[torch.nn.Module, list, list, InitConfig, str], Prepared] | None = None
-    settings: tuple[str, ...] = ()
-    combine_settings: tuple[str, ...] = ()
+    settings: tuple[type, ...] = ()
+    combine_settings: tuple[type, ...] = ()
 
     def __post_init__(self) -> None:
         if self.data not in DATA:
@@ -106,8 +108,15 @@ class InitMethod:
         if (self.prepare is not None) != (self.data in PREPARED):
             raise InitError(f"init method {self.name!r}: a prepare step goes with data='inputs' or 'replay_inputs', "
                             "and only with them.")
+        if not all(is_dataclass(cls) for cls in self.settings + self.combine_settings):
+            raise InitError(f"init method {self.name!r}: settings and combine_settings name settings dataclasses.")
         if self.factors is None and self.absorbs:
             raise InitError(f"init method {self.name!r}: PEFT's own draw has B = 0, so there is nothing to absorb.")
+
+    def setting_names(self, combined: bool = True) -> tuple[str, ...]:
+        """The InitConfig fields the method reads (without its combine step's when `combined` is False)."""
+        classes = self.settings + (self.combine_settings if combined else ())
+        return tuple(dict.fromkeys(f.name for cls in classes for f in fields(cls)))
 
     @property
     def uses_replay(self) -> bool:
@@ -142,5 +151,4 @@ def get_init(name: str) -> InitMethod:
 
 def settings_of(method: InitMethod, config: InitConfig, combined: bool = True) -> dict:
     """The values of the InitConfig fields `method` reads (without its combine step's when `combined` is False)."""
-    keys = method.settings + (method.combine_settings if combined else ())
-    return {key: getattr(config, key) for key in keys}
+    return {key: getattr(config, key) for key in method.setting_names(combined)}

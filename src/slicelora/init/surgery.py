@@ -57,11 +57,12 @@ class SurgeryReport:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProjectionSettings:
     """The variant and its parameters. `phi`: GradVac's target cosine in [-1, 1) (it fires when cos < phi).
     `retain`: retain-add's multiple of G_rep. `null_rank` / `null_threshold`: null-space keeps at most k of G_rep's
-    left singular vectors (None: all) with sigma_i / sigma_max >= the threshold. `delta`: the median rule's margin.
+    left singular vectors (None: all) with sigma_i / sigma_max >= the threshold. `gate_delta`: the median rule's
+    margin.
     `preserve_magnitude`: rescale each projected unit (all layers, or one layer per-layer) to its norm before."""
 
     projection: Projection = "pcgrad"
@@ -70,7 +71,7 @@ class ProjectionSettings:
     retain: float = 1.0
     null_rank: int | None = None
     null_threshold: float = 0.0
-    delta: float = 0.0
+    gate_delta: float = 0.0
     preserve_magnitude: bool = False
 
     def check(self, mode: str) -> None:
@@ -87,8 +88,8 @@ class ProjectionSettings:
             raise InitError(f"null_rank={self.null_rank} must be >= 1 (or None: every direction above the threshold).")
         if self.projection == "null_space" and not 0.0 <= self.null_threshold <= 1.0:
             raise InitError(f"null_threshold={self.null_threshold} must lie in [0, 1] (a fraction of sigma_max).")
-        if not math.isfinite(self.retain) or not math.isfinite(self.delta):
-            raise InitError("retain and delta must be finite numbers.")
+        if not math.isfinite(self.retain) or not math.isfinite(self.gate_delta):
+            raise InitError("retain and gate_delta must be finite numbers.")
 
 
 CHUNK = 1 << 18  # elements per float64 block: the surgery's scratch memory stays at a few MiB per layer
@@ -194,7 +195,7 @@ def project_conflicting(
     d, nc, nr = sum(dots.values()), sum(n_cur.values()), sum(n_rep.values())
     global_cos = cos(d, nc, nr)
     layer_cos = {name: cos(dots[name], n_cur[name], n_rep[name]) for name in current}
-    threshold = {"always": None, "median": statistics.median(layer_cos.values()) - settings.delta,
+    threshold = {"always": None, "median": statistics.median(layer_cos.values()) - settings.gate_delta,
                  "fixed": settings.phi if settings.projection == "gradvac" else gate}[settings.gate_rule]
 
     def fires(c: float) -> bool:

@@ -21,8 +21,8 @@ import yaml
 
 from ..errors import ConfigError, InitError
 from ..eval.general import BACKENDS, BENCHMARKS, POOL_SIZE, check_backend
-from ..init import InitConfig, get_init, init_names
-from ..init.adapter import projection_settings
+from ..init import get_init, init_names
+from ..init.adapter import CordaSettings, LoraGASettings, PissaSettings, SliceSettings, SvdSettings
 from ..init.gradients import target_layers
 from .adapters import ADAPTERS, adapter_names, library_init_config, reads
 from .continual import CL_METHODS, cl_names
@@ -49,27 +49,16 @@ class OSFSection:
 
 
 @dataclass
-class InitSection:
+class InitSection(SvdSettings, LoraGASettings, SliceSettings, PissaSettings, CordaSettings):
+    """The init: which registered method, the batches it reads, and every method's own settings, declared once in
+    the init library (init.adapter: SvdSettings, LoraGASettings, SliceSettings, ...) and inherited here, so the
+    run config's init.* keys, types, defaults and choices are the library's. The seed is the run's."""
+
     method: str = "slice"  # a registered init (slicelora.init.registry): vanilla | lora_ga | loram | slice | ...
     batches: int = 8  # S: gradient batches of the current task (and per past task for each_task replay)
     batch_size: int = 16
     replay_batching: str = "each_task"  # each_task: S batches per past task; all_tasks: S batches in all
     replay_buffer: int = 128  # examples kept per past task (a fixed, seeded sample)
-    strength: float = 1.0  # c
-    gate: float = 0.0  # tau
-    surgery_mode: str = "global"
-    projection: str = "pcgrad"  # SLICE's projection variant: pcgrad | gradvac | null_space | retain_add
-    gate_rule: str = "fixed"  # fixed (cos < tau; GradVac: < phi) | median (per layer: median - gate_delta) | always
-    phi: float = 0.0  # GradVac's target cosine
-    retain: float = 1.0  # retain-add's multiple of the replay gradient
-    null_rank: int | None = None  # null-space: at most k replay directions removed
-    null_threshold: float = 0.0  # null-space: directions with sigma_i / sigma_max >= this
-    gate_delta: float = 0.0
-    preserve_magnitude: bool = False  # rescale the projected gradient to its norm before the projection
-    pissa_niter: int | None = None  # PiSSA: null = exact SVD of W; n = PEFT's randomised pissa_niter_n
-    corda_mode: str = "kpm"  # CorDA: kpm (keep the replay buffer's knowledge; ipm at the first stage) | ipm
-    lora_ga_variant: str = "paper"
-    selection: str = "lora_ga"
     offload_to_cpu: bool = False
     loss_on: str = "full"  # gradients of the loss on the full text (paper) or on answer tokens
     autocast: bool = True  # gradient passes under bf16 autocast when training uses it (train.bf16, device support)
@@ -167,17 +156,17 @@ def describe(changed: dict[str, tuple[Any, Any]]) -> str:
 
 
 def _literal_choices(cls: type) -> dict[str, tuple]:
-    """init.<field> -> the values of the init library's Literal-typed field of the same name."""
+    """init.<field> -> the values of its Literal type (the init library's declaration)."""
     hints = typing.get_type_hints(cls)
     return {f"init.{f.name}": typing.get_args(hints[f.name]) for f in fields(cls)
-            if typing.get_origin(hints[f.name]) is typing.Literal and f.name in InitSection.__dataclass_fields__}
+            if typing.get_origin(hints[f.name]) is typing.Literal}
 
 
 CHOICES = {
     "adapter.type": adapter_names,  # whatever kinds are registered (loop/adapters.py)
     "init.method": init_names,  # whatever is registered when the config is read
     "cl.method": cl_names,
-    **_literal_choices(InitConfig),  # surgery_mode, projection, gate_rule, lora_ga_variant, selection, corda_mode
+    **_literal_choices(InitSection),  # surgery_mode, projection, gate_rule, lora_ga_variant, selection, corda_mode
     "init.replay_batching": ("each_task", "all_tasks"),
     "init.loss_on": ("full", "answer"),
     "train.loss_on": ("full", "answer"),
@@ -203,6 +192,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: {key} is empty; give it a value, e.g. {key}={_show(get(RunConfig(), key))}.")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is typing.Literal:  # a choice: read as its values' type, checked against CHOICES
+        hint = type(typing.get_args(hint)[0])
     if typing.get_origin(hint) is list:
         items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
         return [str(v) for v in items]
@@ -308,7 +299,7 @@ def check_settings_apply(config: RunConfig, given: set[str]) -> None:
     owners: dict[str, list[str]] = {}
     for name in init_names():
         spec = get_init(name)
-        for field_name in spec.settings + spec.combine_settings:
+        for field_name in spec.setting_names():
             if hasattr(config.init, field_name):
                 owners.setdefault(f"init.{field_name}", []).append(f"init.method={name}")
     for name, method in CL_METHODS.items():
@@ -353,6 +344,8 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("init.strength", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("init.gate", lambda v: -1 <= v <= 1, "a cosine threshold in [-1, 1]"),
     ("init.pissa_niter", lambda v: v is None or v >= 1, "null (exact SVD) or an integer >= 1"),
+    ("init.niter", lambda v: v >= 0, "an integer >= 0 (subspace iterations of the randomised SVD)"),
+    ("init.gamma", lambda v: math.isfinite(v) and v > 0, "a positive number"),
     ("train.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("train.lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("train.warmup_ratio", lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -422,7 +415,7 @@ def validate(config: RunConfig) -> None:
                           "train.replay_examples > 0 (experience replay is on whenever it is > 0).")
     ADAPTERS[config.adapter.type].check_config(config)
     try:  # the surgery's variant settings, checked as the init will check them
-        projection_settings(library_init_config(config.init)).check(config.init.surgery_mode)
+        library_init_config(config.init).check(config.init.surgery_mode)
     except InitError as exc:
         raise ConfigError(f"init: {exc} Set the init.* key it names.") from None
 
