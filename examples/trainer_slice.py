@@ -63,10 +63,11 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, use_rslora=True, lora_dropout=0.0,
                                                  target_modules=list(resolve_targets(model, LLAMA_TARGETS))))
     train = rows("1687", tokenizer, args.examples, args.max_length)
-    data = get_init(args.method).data  # what the init needs: "none", "current" or "replay" (current and past)
-    init = SliceInitCallback(args.method, InitConfig(), current=train[:args.init_examples] if data != "none" else None,
+    method = get_init(args.method)  # what the init reads: nothing, the current task's rows, and past tasks' rows
+    init = SliceInitCallback(args.method, InitConfig(),
+                             current=train[:args.init_examples] if method.data != "none" else None,
                              replay=rows("363", tokenizer, args.init_examples, args.max_length)
-                             if data == "replay" else None, batch_size=args.batch_size)
+                             if method.uses_replay else None, batch_size=args.batch_size)
     training = TrainingArguments(args.output, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                                  learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=1, save_steps=2,
                                  report_to="none", use_cpu=not torch.cuda.is_available(), seed=0)

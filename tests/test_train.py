@@ -120,6 +120,21 @@ class RankOf(Accelerator):
         return tensor
 
 
+def two_ranks_average(peft_model, tokenizer, examples, cfg, monkeypatch) -> dict[str, torch.Tensor]:
+    """The first step's gradients of ranks 0 and 1 of 2, each from the same adapter, averaged (as DDP does)."""
+    state = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    per_rank = []
+    for index in range(2):
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if n in state:
+                    p.copy_(state[n])
+        seen, curve = first_step(peft_model, tokenizer, examples, cfg, monkeypatch, RankOf(index, 2))
+        assert curve["loss"] == train.TOKEN_MEAN
+        per_rank.append(seen)
+    return {n: (per_rank[0][n] + per_rank[1][n]) / 2 for n in per_rank[0]}
+
+
 def test_ranks_weigh_their_rows_by_the_steps_tokens(model, tokenizer, monkeypatch):
     """Under data parallelism each rank takes its rows of the global batches and DDP averages the ranks' gradients:
     that average equals the gradient of the token mean over all rows (not a mean of the ranks' means)."""
@@ -129,14 +144,19 @@ def test_ranks_weigh_their_rows_by_the_steps_tokens(model, tokenizer, monkeypatc
                        max_length=64, loss_on="answer", bf16=False)
     batches = make_batches(examples, tokenizer, cfg.batch_size, cfg.max_length, "answer", seed=7)
     expected = reference_grads(peft_model, token_mean_loss(peft_model, batches))
-    state = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-    per_rank = []
-    for index in range(2):
-        with torch.no_grad():  # every rank starts from the same adapter
-            for n, p in peft_model.named_parameters():
-                if n in state:
-                    p.copy_(state[n])
-        seen, _ = first_step(peft_model, tokenizer, examples, cfg, monkeypatch, RankOf(index, 2))
-        per_rank.append(seen)
-    for n, grad in expected.items():
-        torch.testing.assert_close((per_rank[0][n] + per_rank[1][n]) / 2, grad, rtol=1e-4, atol=1e-7)
+    for n, grad in two_ranks_average(peft_model, tokenizer, examples, cfg, monkeypatch).items():
+        torch.testing.assert_close(grad, expected[n], rtol=1e-4, atol=1e-7)
+
+
+def test_a_rank_without_rows_takes_part_at_weight_zero(model, tokenizer, monkeypatch):
+    """5 examples in batches of 4 on 2 ranks: rank 1 has no row of the last batch; it still runs its backward (DDP
+    would wait for it) and adds nothing, so the ranks' average is still the token mean over all rows."""
+    peft_model = lora_model(model)
+    examples = uneven_examples()[:5]
+    cfg = TrainSection(epochs=1, lr=1e-3, warmup_ratio=0.0, max_grad_norm=0.0, batch_size=4, grad_accum=2,
+                       max_length=64, loss_on="answer", bf16=False)
+    batches = make_batches(examples, tokenizer, cfg.batch_size, cfg.max_length, "answer", seed=7)
+    assert [len(b["input_ids"]) for b in batches] == [4, 1]
+    expected = reference_grads(peft_model, token_mean_loss(peft_model, batches))
+    for n, grad in two_ranks_average(peft_model, tokenizer, examples, cfg, monkeypatch).items():
+        torch.testing.assert_close(grad, expected[n], rtol=1e-4, atol=1e-7)

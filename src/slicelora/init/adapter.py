@@ -131,6 +131,8 @@ class InitReport:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["surgery"] = self.surgery.to_dict() if self.surgery else None
+        if not self.settled:  # recorded only where the data decided a setting (CorDA's first stage)
+            del out["settled"]
         return out
 
 
@@ -260,8 +262,8 @@ def init_adapter(
     `current`: batches of the task about to be learned (every method with data). `replay`: batches of past tasks
     (methods with data "replay" or "replay_inputs" only; empty or None at the first stage, where SLICE equals
     LoRA-GA paper and CorDA's kpm runs as ipm). `input_subspaces`: per canonical layer name, orthonormal columns U
-    (d_in x k) that A must not read: A <- A (I - U U^T) before the absorption (InfLoRA's constraint; any method). Under torch.distributed every rank
-    calls it with its own share of the batches.
+    (d_in x k) that A must not read: A <- A (I - U U^T) before the absorption (InfLoRA's constraint; any method).
+    Under torch.distributed every rank calls it with its own share of the batches.
     """
     config = config or InitConfig()
     spec = get_init(method)
@@ -280,7 +282,8 @@ def init_adapter(
     # Decide from every rank's counts, so that all ranks take the same branch (and meet at the same collectives).
     counts = per_rank([len(current), len(replay)], next(model.parameters()).device)
     if replay and not spec.uses_replay:
-        warnings.warn(f"init {method!r} does not use replay batches; the {len(replay)} given are ignored.", stacklevel=2)
+        warnings.warn(f"init {method!r} does not use replay batches; the {len(replay)} given are ignored.",
+                      stacklevel=2)
     if current and spec.data == "none":
         warnings.warn(f"init {method!r} uses no data; the {len(current)} current batches are ignored.", stacklevel=2)
 
@@ -300,9 +303,10 @@ def init_adapter(
             raise InitError(f"rank {rank} exceeds min(d_out, d_in) = {min(shape)} of layer {name!r}; lower r.")
 
     grads: dict[str, torch.Tensor] = {}
+    if spec.data != "none" and min(c[0] for c in counts) == 0:  # all ranks decide alike, before any collective
+        raise InitError(f"init {method!r} needs current-task batches (current=...): none were given"
+                        + (f" on some ranks (batches per rank: {[c[0] for c in counts]})." if len(counts) > 1 else "."))
     if spec.prepare is not None:  # the method's own pass over its batches (EVA's activation SVD, CorDA's covariances)
-        if not current:
-            raise InitError(f"init {method!r} needs current-task batches (current=...): none were given.")
         if any(is_sharded(layer.get_base_layer().weight) for layer in layers.values()):
             raise InitError(f"init {method!r} is not supported with FSDP-sharded weights.")
         prepared = spec.prepare(model, current, replay if spec.uses_replay else [], config, adapter_name)
@@ -311,9 +315,6 @@ def init_adapter(
         report.current_batches = len(current) if "current" in prepared.read else 0
         report.replay_batches = len(replay) if "replay" in prepared.read else 0
     elif spec.data != "none":
-        if min(c[0] for c in counts) == 0:
-            raise InitError(f"init {method!r} needs current-task batches (current=...): none were given"
-                            + (f" on some ranks (batches per rank: {[c[0] for c in counts]})." if len(counts) > 1 else "."))
         use_replay = spec.data == "replay" and any(c[1] for c in counts)  # a rank without any then fails with the rest
         g_cur, g_rep = _gradients(model, current, replay if use_replay else [], layers, config, use_replay, report)
         report.current_batches, report.replay_batches = len(current), len(replay) if use_replay else 0

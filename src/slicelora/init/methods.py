@@ -142,8 +142,8 @@ def _corda_covariances(model: torch.nn.Module, current: list, replay: list, conf
     """PEFT's CorDA covariance pass (`calib_cov_distribution`) on the base layers under the adapter's LoRA layers,
     with the adapter off: per layer, the mean over examples of X^T X, X one example's inputs to the layer divided
     by the absolute value of its largest entry. Each example runs alone and without its padding (PEFT's hook takes
-    one sequence per call). kpm reads the replay batches, the knowledge the frozen weight must keep; with none (a first stage) it
-    runs as ipm on the current batches, and says so in `settled`. Under torch.distributed the ranks' sums are added:
+    one sequence per call). kpm reads the replay batches, the knowledge the frozen weight must keep; with none (a
+    first stage) it runs as ipm on the current batches, and says so in `settled`. Under torch.distributed the ranks' sums are added:
     every rank gets the covariances of all the examples."""
     if config.corda_mode not in CORDA_MODES:
         raise InitError(f"corda_mode={config.corda_mode!r} must be one of {', '.join(CORDA_MODES)} (kpm: keep the "

@@ -2,9 +2,9 @@
 
 A stage's key is a hash of everything its results depend on: the key of the model it starts from (the base model's
 weights, or the previous stage's key), the adapter's initial factors (the init's whole effect on the stage: the
-absorbed base weight is W - s B0 A0; for OSF, each layer's preserved rank), every run setting outside `init.*` and
-`osf.*`, the tasks seen so far (their data), and the stage number. Two runs that reach the same key would train and score bitwise the same, so the second one copies the
-first one's trained adapter, loss curve, generations and scores instead of computing them. Keys are computed from
+absorbed base weight is W - s B0 A0; for OSF, each layer's preserved rank), every run setting outside `init.*`,
+`osf.*` and `adapter.type` (stages.stage_settings), the tasks seen so far (their data), and the stage number. Two
+runs that reach the same key would train and score bitwise the same, so the second one copies the first one's trained adapter, loss curve, generations and scores instead of computing them. Keys are computed from
 tensors and data, not from method names: SLICE's first stage (no replay yet) finds LoRA-GA's, and a SLICE stage whose
 gate did not fire finds the same stage of another gate or strength.
 

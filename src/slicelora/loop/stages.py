@@ -55,7 +55,7 @@ from .runfolder import (ADAPTER_DIR, ADAPTER_WEIGHTS, CL_STATE_FILE, CONFIG_FILE
                         TRAIN_FILE, is_run_folder, stage_dir, write_run_summary)
 from .sharing import SharedWork, copy_tree, general_key, model_key, stage_key
 from .tracking import Tracker
-from .train import divergence, train_adapter
+from .train import TOKEN_MEAN, divergence, train_adapter
 
 # A stage adapter's base_model_name_or_path: it fits no saved model (see each kind's readme in adapters.py), so it
 # names none and AutoPeftModelForCausalLM fails loudly, quoting this text, instead of loading onto the wrong weights.
@@ -318,6 +318,12 @@ def _stages(tasks: list[Task], config: RunConfig) -> list[Stage]:
 
 def _resume_stage(ctx: _Run, model: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, str | None]:
     """A stage trained earlier: its weight change replayed on `model`, its key, and the methods' state after it."""
+    curve = json.loads((folder / TRAIN_FILE).read_text())
+    if ctx.main and ctx.config.train.grad_accum > 1 and curve.get("loss") != TOKEN_MEAN:
+        warnings.warn(f"{folder} was trained by an earlier version, whose loss with train.grad_accum="
+                      f"{ctx.config.train.grad_accum} was a mean of the micro-batches' means; the stages still to run "
+                      "use the mean over all of a step's tokens. Rerun into a new folder for one loss throughout.",
+                      stacklevel=3)
     model = rebuild_stage(model, folder, ctx.config)
     key = _read_key(folder)
     _load_cl_state(ctx.methods, folder)
@@ -475,8 +481,14 @@ def _read_key(folder: Path) -> str | None:
 
 def stage_settings(config: RunConfig) -> dict:
     """The settings a stage's results depend on besides its start's tensors and tasks (see sharing.stage_key): the
-    start's own settings (init.*, osf.*) act through those tensors only."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("init", "osf", "general", "sequence", "track")}
+    start's own settings (init.*, osf.*, adapter.type) act through those tensors only (LoRA's are factors, OSF's
+    kept ranks). With several micro-batches per step the training loss is the token mean (`TOKEN_MEAN`), which
+    earlier versions did not compute: such stages get keys of their own."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("init", "osf", "general", "sequence", "track")}
+    settings["adapter"] = {k: v for k, v in settings["adapter"].items() if k != "type"}
+    if config.train.grad_accum > 1:
+        settings["train"] = {**settings["train"], "loss": TOKEN_MEAN}
+    return settings
 
 
 def _general(ctx: _Run, model: torch.nn.Module, which: str, known: dict | None, key: str | None) -> dict:
@@ -488,7 +500,8 @@ def _general(ctx: _Run, model: torch.nn.Module, which: str, known: dict | None, 
     if which == "base" and known and "base" in known:
         general["base"] = known["base"]
     g = config.general
-    share_key = general_key(key, {**asdict(g), "seed": config.seed}) if shared is not None and key else None
+    settings = {k: v for k, v in asdict(g).items() if not (k == "backend" and v == "native")}  # keys as before it
+    share_key = general_key(key, {**settings, "seed": config.seed}) if shared is not None and key else None
     found = shared.find_general(share_key) if config.general.enabled and which not in general and share_key else None
     if found:
         general[which] = found

@@ -27,6 +27,7 @@ from ..models import set_checkpointing
 from .config import TrainSection
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+TOKEN_MEAN = "token_mean"  # train.json's "loss": how a step's loss is normalised (earlier versions: per-batch means)
 
 
 def rank_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -104,8 +105,12 @@ def train_adapter(
             rows = [rank_rows(batch, rank, world) for batch in group]
             # Each micro-batch's mean loss weighs by its share of the step's tokens (all ranks': every rank sees the
             # global batches); x world because DDP averages over ranks. One micro-batch on one process: weight 1.0.
-            step_tokens = sum(predicted_tokens(batch) for batch in group)
+            step_tokens = max(sum(predicted_tokens(batch) for batch in group), 1)
             local_tokens = [predicted_tokens(r) for r in rows]
+            # a rank left without rows (a last batch smaller than the world) runs one row at weight 0, so that its
+            # backward still meets the other ranks' gradient reduction
+            rows = [r if len(r["input_ids"]) else {k: batch[k][:1] for k in MODEL_INPUTS}
+                    for r, batch in zip(rows, group)]
             step_loss = 0.0  # this rank's token mean, for the curve
             for i, local in enumerate(rows):
                 inputs = {k: v.to(accelerator.device) for k, v in local.items()}
@@ -143,6 +148,6 @@ def train_adapter(
         set_checkpointing(model, False)
     del wrapped, optimizer
     accelerator.free_memory()  # drop accelerate's reference to the DDP wrapper; the next stage wraps a new model
-    curve = {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "bf16": use_bf16,
-             "truncated_prompts": stats["truncated"], "examples": stats["examples"]}
+    curve = {"losses": losses, "loss": TOKEN_MEAN, "steps": total, "seconds": time.perf_counter() - start,
+             "bf16": use_bf16, "truncated_prompts": stats["truncated"], "examples": stats["examples"]}
     return {**curve, "penalties": penalties} if penalties else curve

@@ -84,12 +84,15 @@ def count_work(study: Study) -> Work:
             names = tuple(task.name for task in learn)
             grad_sets = []
             if adapter.data != "none":
-                grad_sets.append(((sig, "current", names, config.init.batches, config.init.batch_size,
+                # gradient passes are shared between methods (the gradient cache); a prepare pass is its method's own
+                kind = "gradients" if adapter.data in ("current", "replay") else adapter.data
+                grad_sets.append(((sig, kind, "current", names, config.init.batches, config.init.batch_size,
                                    config.init.loss_on, config.init.autocast), config.init.batches))
                 if adapter.uses_replay and t > 1:
                     n = config.init.batches * ((t - 1) if config.init.replay_batching == "each_task" else 1)
-                    grad_sets.append(((sig, "replay", config.init.batch_size, config.init.loss_on,
-                                       config.init.replay_buffer, config.init.replay_batching, config.init.autocast), n))
+                    grad_sets.append(((sig, kind, "replay", config.init.batch_size, config.init.loss_on,
+                                       config.init.replay_buffer, config.init.replay_batching,
+                                       config.init.autocast), n))
             new = _h(sig, adapter.signature(t), stage_settings(config), t, names)
             first = new not in stages
             stages[new] += 1
@@ -213,6 +216,7 @@ def _plan(study: Study, workers: int, measure: bool) -> tuple[str, float]:
         cost = calibrate(study)
         seconds, alone = work.seconds(cost), work.seconds(cost, shared=False)
         per_group = [count_work(study.group(seq, seed)).seconds(cost) for seq, seed in study.groups()]
+        per_group = [g * seconds / sum(per_group) for g in per_group]  # groups also share (a first stage, ...)
         lines += ["", "## Estimate (calibrated on this machine, one thread per worker)", "",
                   f"- per training batch {cost['train_batch']:.2f} s, per gradient batch "
                   f"{cost['gradient_batch']:.2f} s, per scored example {cost['eval_example']:.2f} s",
