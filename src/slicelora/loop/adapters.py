@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -55,7 +56,7 @@ class Start:
     cached: list[str] = field(default_factory=list)
 
 
-class StageAdapter:
+class StageAdapter(ABC):
     """One kind of stage adapter, made for one run of `stages` stages."""
 
     name: ClassVar[str] = ""
@@ -78,14 +79,14 @@ class StageAdapter:
         """Refuse what only the loaded model tells, before any work."""
         return None
 
+    @abstractmethod
     def wrap(self, model: torch.nn.Module, stage: int) -> PeftModel:
         """A fresh adapter of this kind on every target layer of the merged model, for stage `stage`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def start(self, model: PeftModel, stage: Stage, *, tokenizer, shard: tuple[int, int],
               methods: list[ContinualMethod], shared: SharedWork | None) -> Start:
         """Start the stage's adapter (this process's share of the work under `shard` = (rank, world))."""
-        raise NotImplementedError
 
     @property
     def data(self) -> Data:
@@ -97,15 +98,15 @@ class StageAdapter:
         """Whether the start reads batches of past tasks (from stage 2 on)."""
         return False
 
+    @abstractmethod
     def signature(self, stage: int) -> tuple:
         """What the start of stage `stage` depends on besides the model, from the settings alone (the planner's
         prediction of which stages cells share)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def describe(cls, config: Mapping[str, Any]) -> str:
         """The adapters of a run (its config.json) in a few words, for model cards."""
-        raise NotImplementedError
 
 
 ADAPTERS: dict[str, type[StageAdapter]] = {}
